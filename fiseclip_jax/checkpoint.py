@@ -1,0 +1,115 @@
+"""Converted checkpoints: one safetensors file of '/'-joined param paths, CLIPConfig in its metadata.
+
+`load_checkpoint` checks every key and shape against the architecture the file declares and names
+what is missing, unexpected or mis-shaped, so a wrong file fails here and not deep inside a jit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Tuple
+
+import numpy as np
+
+from fiseclip_jax.config import CLIPConfig
+
+FORMAT = "fiseclip_jax/1"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used, with the reason and the file."""
+
+
+def flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flatten(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Dict[str, object]) -> dict:
+  tree: dict = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def expected_shapes(cfg: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
+  """'/'-joined param path -> shape for an architecture."""
+  from fiseclip_jax.clip.model import param_shapes  # jax import kept off the module's import path
+  return {k: tuple(v.shape) for k, v in flatten(param_shapes(cfg)).items()}
+
+
+def check_params(flat: Dict[str, np.ndarray], cfg: CLIPConfig, where: str) -> None:
+  """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
+  want = expected_shapes(cfg)
+  missing = sorted(set(want) - set(flat))
+  extra = sorted(set(flat) - set(want))
+  bad = sorted(f"{k}: {tuple(flat[k].shape)}, expected {want[k]}" for k in set(want) & set(flat)
+               if tuple(flat[k].shape) != want[k])
+  if missing or extra or bad:
+    parts = []
+    if missing:
+      parts.append(f"missing keys {missing[:10]}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if extra:
+      parts.append(f"unexpected keys {extra[:10]}" + (f" (+{len(extra) - 10} more)" if len(extra) > 10 else ""))
+    if bad:
+      parts.append(f"mis-shaped keys {bad[:10]}")
+    raise CheckpointError(f"{where}: does not match the CLIP architecture {cfg}: " + "; ".join(parts))
+
+
+def save_checkpoint(path: str, params: dict, cfg: CLIPConfig, source_sha256: str = "",
+                    source: str = "") -> None:
+  """Write params (float32) and the config as one safetensors file."""
+  from safetensors.numpy import save_file
+  flat = {k: np.array(v, np.float32, order="C") for k, v in flatten(params).items()}
+  check_params(flat, cfg, path)
+  meta = {"format": FORMAT, "clip_config": json.dumps(cfg.to_dict()),
+          "source_sha256": source_sha256, "source": os.path.basename(source)}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file(flat, path, metadata=meta)
+
+
+def read_metadata(path: str) -> dict:
+  from safetensors import safe_open
+  with safe_open(path, framework="numpy") as f:
+    return dict(f.metadata() or {})
+
+
+def load_checkpoint(path: str) -> Tuple[dict, CLIPConfig]:
+  """(params, cfg) from a file written by `python -m weights.convert`; refuses a wrong file."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such checkpoint file (convert one with `python -m weights.convert`)")
+  try:
+    meta = read_metadata(path)
+    flat = load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from e
+  if meta.get("format") != FORMAT or "clip_config" not in meta:
+    raise CheckpointError(f"{path}: not a FiSeCLIP-JAX checkpoint (metadata format={meta.get('format')!r}, "
+                          f"expected {FORMAT!r}); convert the source with `python -m weights.convert`")
+  try:
+    cfg = CLIPConfig.from_dict(json.loads(meta["clip_config"]))
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: bad clip_config metadata: {e}") from e
+  check_params(flat, cfg, path)
+  return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()}), cfg

@@ -1,0 +1,57 @@
+"""Shared test set-up: float32 matmuls at full precision, the shared data folder, a random HF CLIP."""
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(*parts) -> Path:
+  """A path under ../shared/data, or skip the test where a fresh clone has none."""
+  p = SHARED_DATA.joinpath(*parts)
+  if not p.exists():
+    pytest.skip(f"{p} is absent (only this project's workspace has ../shared)")
+  return p
+
+
+def make_hf_clip(vision_width=48, vision_layers=4, vision_heads=4, image_size=56, patch_size=14,
+                 text_width=32, text_layers=2, text_heads=4, projection_dim=24, seed=0,
+                 full=False):
+  """A random transformers CLIPModel with every weight perturbed (LayerNorms included)."""
+  import torch
+  from transformers import CLIPConfig, CLIPModel
+  torch.manual_seed(seed)
+  if full:   # OpenAI ViT-L/14-336
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14)
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    projection_dim = 768
+  else:
+    vision = dict(hidden_size=vision_width, intermediate_size=2 * vision_width + 8,
+                  num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                  image_size=image_size, patch_size=patch_size)
+    text = dict(hidden_size=text_width, intermediate_size=3 * text_width, num_hidden_layers=text_layers,
+                num_attention_heads=text_heads)
+  text.update(vocab_size=49408, max_position_embeddings=77)
+  config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim,
+                      logit_scale_init_value=float(np.log(50.0)))
+  model = CLIPModel(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name != "logit_scale":
+        p.add_(0.02 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_clip_dir(tmp_path_factory):
+  """A random small CLIPModel saved with save_pretrained (model.safetensors + config.json)."""
+  d = tmp_path_factory.mktemp("hf_clip")
+  model = make_hf_clip()
+  model.save_pretrained(str(d))
+  return d

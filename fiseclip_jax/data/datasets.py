@@ -1,0 +1,265 @@
+"""Dataset readers: MVTec AD, VisA, BTAD and a plain folder, as lists of `Sample`s (test split).
+
+Readers only list files (and check that every defective image has a mask file); decoding is the
+loader's job. Every layout problem raises `BadInputError` saying which layout was expected.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fiseclip_jax.data.preprocess import BadInputError, PathLike
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+MVTEC_LAYOUT = ("expected <root>/<category>/test/<defect>/<image>, masks at "
+                "<root>/<category>/ground_truth/<defect>/<stem>_mask.png (MVTec AD layout)")
+VISA_LAYOUT = ("expected VisA as distributed, <root>/split_csv/1cls.csv with columns "
+               "object,split,label,image,mask, or a <root>/meta.json in the APRIL-GAN / "
+               'AnomalyCLIP / MuSc form {"test": {"<category>": [{"img_path", "mask_path", '
+               '"anomaly", ...}]}} '
+               "(paths relative to <root>)")
+BTAD_LAYOUT = ("expected <root>/<category>/test/{ok,ko}/<image>, masks at "
+               "<root>/<category>/ground_truth/ko/<same stem>.<png|bmp|...> (BTAD layout)")
+
+_CSV_COLUMNS = ("object", "split", "label", "image", "mask")
+_CSV_LABELS = {"normal": 0, "anomaly": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One image to score.
+
+  label: 1 defect, 0 good, -1 unknown (unlabeled). mask_path: the ground truth of a defective
+  image, else None. defect: the defect type ('good' for normal images, '' when unlabeled).
+  """
+  path: str
+  label: int = -1
+  mask_path: Optional[str] = None
+  defect: str = ""
+
+
+def class_name(category: str) -> str:
+  """The object name used in prompts: '_' -> ' ' in the folder name ('metal_nut' -> 'metal nut')."""
+  return category.replace("_", " ")
+
+
+def _is_image(p: Path) -> bool:
+  return (not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _list_images(d: Path) -> List[Path]:
+  """Image files directly in `d` (extensions case-insensitive, dotfiles skipped), sorted by name."""
+  if not d.is_dir():
+    return []
+  return sorted((p for p in d.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _subdirs(d: Path) -> List[Path]:
+  return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                key=lambda p: p.name)
+
+
+def _index_by_stem(d: Path) -> Dict[str, Path]:
+  """stem -> image file in `d`; when several share a stem the earlier IMAGE_EXTENSIONS wins."""
+  rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
+  index: Dict[str, Path] = {}
+  for p in sorted(_list_images(d), key=lambda p: rank[p.suffix.lower()], reverse=True):
+    index[p.stem] = p
+  return index
+
+
+def _existing_dir(root: PathLike, layout: str, what: str = "data root") -> Path:
+  root = Path(root)
+  if not root.is_dir():
+    raise BadInputError(f"{what} {root} is not a folder; {layout}")
+  return root
+
+
+def _sorted(samples: List[Sample]) -> List[Sample]:
+  return sorted(samples, key=lambda s: s.path)
+
+
+def _require_some(samples: List[Sample], category: str, where: str, layout: str) -> List[Sample]:
+  if not samples:
+    raise BadInputError(f"category {category!r} has no test images in {where}; {layout}")
+  return _sorted(samples)
+
+
+# MVTec AD.
+
+
+def mvtec_categories(root: PathLike) -> List[str]:
+  """Sorted names of the folders under `root` that have a test/ subfolder."""
+  root = _existing_dir(root, MVTEC_LAYOUT)
+  cats = [d.name for d in _subdirs(root) if (d / "test").is_dir()]
+  if not cats:
+    hint = " (it looks like a category folder: pass its parent)" if (root / "test").is_dir() else ""
+    raise BadInputError(f"data root {root} has no <category>/test/ folder{hint}; {MVTEC_LAYOUT}")
+  return cats
+
+
+def _category_test_dir(root: PathLike, category: str, layout: str) -> Path:
+  test = _existing_dir(root, layout) / category / "test"
+  if not test.is_dir():
+    raise BadInputError(f"category {category!r}: {test} is not a folder; {layout}")
+  return test
+
+
+def mvtec_samples(root: PathLike, category: str) -> List[Sample]:
+  """The test split of one MVTec AD category, sorted by path; defective images with their masks."""
+  test = _category_test_dir(root, category, MVTEC_LAYOUT)
+  ground_truth = test.parent / "ground_truth"
+  samples = []
+  for defect_dir in _subdirs(test):
+    defect = defect_dir.name
+    images = _list_images(defect_dir)
+    if defect == "good":
+      samples += [Sample(str(p), 0, None, "good") for p in images]
+      continue
+    masks = _index_by_stem(ground_truth / defect)
+    for p in images:
+      mask = masks.get(f"{p.stem}_mask")
+      if mask is None:
+        expected = ground_truth / defect / f"{p.stem}_mask.png"
+        raise BadInputError(f"defective image {p} has no mask: expected {expected}")
+      samples.append(Sample(str(p), 1, str(mask), defect))
+  return _require_some(samples, category, f"{test}/<defect>/", MVTEC_LAYOUT)
+
+
+# VisA.
+
+
+def _visa_from_csv(root: Path, csv_path: Path) -> Dict[str, List[Sample]]:
+  """Test rows of split_csv/1cls.csv by category (a category with only train rows maps to [])."""
+  table: Dict[str, List[Sample]] = {}
+  with open(csv_path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise BadInputError(f"{csv_path}: missing columns {missing}; {VISA_LAYOUT}")
+    for row in reader:
+      row = {k: (row.get(k) or "").strip() for k in _CSV_COLUMNS}
+      cat_samples = table.setdefault(row["object"], [])
+      if row["split"] != "test":
+        continue
+      where = f"{csv_path} line {reader.line_num}"
+      label = _CSV_LABELS.get(row["label"])
+      if label is None:
+        raise BadInputError(f"{where}: label {row['label']!r}; expected 'normal' or 'anomaly'")
+      image = str(root / row["image"])
+      if label and not row["mask"]:
+        raise BadInputError(f"{where}: anomalous image {image} has no mask path")
+      mask = str(root / row["mask"]) if label else None
+      cat_samples.append(Sample(image, label, mask, "anomaly" if label else "good"))
+  return table
+
+
+def _visa_from_meta(root: Path, meta_path: Path) -> Dict[str, List[Sample]]:
+  """The "test" part of an APRIL-GAN / AnomalyCLIP / MuSc meta.json, by category."""
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as err:
+    raise BadInputError(f"{meta_path}: cannot read it as JSON ({err}); {VISA_LAYOUT}") from err
+  test = meta.get("test") if isinstance(meta, dict) else None
+  if not isinstance(test, dict):
+    raise BadInputError(f"{meta_path}: no \"test\" object; {VISA_LAYOUT}")
+  table: Dict[str, List[Sample]] = {}
+  for cat, items in test.items():
+    if not isinstance(items, list):
+      raise BadInputError(f"{meta_path}: test/{cat} is not a list; {VISA_LAYOUT}")
+    table[cat] = [_meta_sample(root, meta_path, cat, i, item) for i, item in enumerate(items)]
+  return table
+
+
+def _meta_sample(root: Path, meta_path: Path, cat: str, i: int, item) -> Sample:
+  where = f"{meta_path}: test/{cat}[{i}]"
+  if not isinstance(item, dict) or "img_path" not in item or "anomaly" not in item:
+    raise BadInputError(f"{where} lacks img_path or anomaly; {VISA_LAYOUT}")
+  if item["anomaly"] not in (0, 1):
+    raise BadInputError(f"{where}: anomaly is {item['anomaly']!r}; expected 0 or 1")
+  label = int(item["anomaly"])
+  image = str(root / item["img_path"])
+  if not label:
+    return Sample(image, 0, None, "good")
+  if not item.get("mask_path"):
+    raise BadInputError(f"{where}: anomalous image {image} has no mask_path")
+  return Sample(image, 1, str(root / item["mask_path"]), item.get("specie_name") or "anomaly")
+
+
+def _visa_table(root: PathLike) -> Dict[str, List[Sample]]:
+  """All VisA test samples by category; split_csv/1cls.csv is preferred over meta.json."""
+  root = _existing_dir(root, VISA_LAYOUT)
+  csv_path = root / "split_csv" / "1cls.csv"
+  meta_path = root / "meta.json"
+  if csv_path.is_file():
+    return _visa_from_csv(root, csv_path)
+  if meta_path.is_file():
+    return _visa_from_meta(root, meta_path)
+  raise BadInputError(
+      f"data root {root} has neither split_csv/1cls.csv nor meta.json; {VISA_LAYOUT}")
+
+
+def visa_categories(root: PathLike) -> List[str]:
+  """Sorted VisA category names ('candle', ..., 'pipe_fryum')."""
+  cats = sorted(_visa_table(root))
+  if not cats:
+    raise BadInputError(f"data root {root}: the split file lists no category; {VISA_LAYOUT}")
+  return cats
+
+
+def visa_samples(root: PathLike, category: str) -> List[Sample]:
+  """The test split of one VisA category, sorted by path; every mask file must exist."""
+  table = _visa_table(root)
+  if category not in table:
+    raise BadInputError(f"VisA category {category!r} is not in {root}; found {sorted(table)}")
+  for s in table[category]:
+    if s.mask_path is not None and not os.path.isfile(s.mask_path):
+      raise BadInputError(f"defective image {s.path} has no mask: expected {s.mask_path}")
+  return _require_some(table[category], category, f"the test split of {root}", VISA_LAYOUT)
+
+
+# BTAD.
+
+
+def btad_categories(root: PathLike) -> List[str]:
+  """Sorted names of the folders under `root` that have test/ok/ or test/ko/."""
+  root = _existing_dir(root, BTAD_LAYOUT)
+  cats = [d.name for d in _subdirs(root)
+          if (d / "test" / "ok").is_dir() or (d / "test" / "ko").is_dir()]
+  if not cats:
+    raise BadInputError(f"data root {root} has no <category>/test/ok|ko/ folder; {BTAD_LAYOUT}")
+  return cats
+
+
+def btad_samples(root: PathLike, category: str) -> List[Sample]:
+  """The test split of one BTAD category; masks matched by file stem whatever their extension."""
+  test = _category_test_dir(root, category, BTAD_LAYOUT)
+  samples = [Sample(str(p), 0, None, "good") for p in _list_images(test / "ok")]
+  gt_dir = test.parent / "ground_truth" / "ko"
+  masks = _index_by_stem(gt_dir)
+  for p in _list_images(test / "ko"):
+    mask = masks.get(p.stem)
+    if mask is None:
+      raise BadInputError(
+          f"defective image {p} has no mask: expected {gt_dir}/{p.stem}.<png|bmp|...>")
+    samples.append(Sample(str(p), 1, str(mask), "ko"))
+  return _require_some(samples, category, f"{test}/ok/ or {test}/ko/", BTAD_LAYOUT)
+
+
+# A plain folder.
+
+
+def folder_samples(directory: PathLike) -> List[Sample]:
+  """The images directly in `directory` (not recursive), sorted, unlabeled (label -1)."""
+  layout = f"expected a folder of images ({' '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+  d = _existing_dir(directory, layout, "image folder")
+  images = _list_images(d)
+  if not images:
+    raise BadInputError(f"folder {d} has no images; {layout}")
+  return [Sample(str(p), -1, None, "") for p in images]

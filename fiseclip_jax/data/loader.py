@@ -1,0 +1,149 @@
+"""Fixed-shape batches from a list of samples, decoded by a few threads ahead of the caller.
+
+Every batch has exactly `batch_size` slots (DESIGN.md section 5): the last one is padded with
+zeros and `valid=False`, so the jitted model compiles once. PIL releases the GIL while it decodes
+and resizes, so a small thread pool keeps the next batches ready while the accelerator works on
+the current one. The order of the output does not depend on thread timing.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fiseclip_jax.data.datasets import Sample
+from fiseclip_jax.data.preprocess import BadInputError, load_mask, preprocess_image, read_rgb
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Batch:
+  """One fixed-shape batch.
+
+  images (B, S, S, 3) float32 normalized (zeros in padded slots); valid (B,) bool; labels (B,)
+  int32 (1 defect, 0 good, -1 unknown or padded); masks (B, S, S) bool (all False for good,
+  unlabeled and padded slots), or None when masks were not asked for; samples: the Sample of each
+  slot, None for padded slots.
+  """
+  images: np.ndarray
+  valid: np.ndarray
+  labels: np.ndarray
+  masks: Optional[np.ndarray]
+  samples: List[Optional[Sample]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  """A decoded sample, or the error that made its image unreadable."""
+  sample: Sample
+  image: Optional[np.ndarray] = None
+  mask: Optional[np.ndarray] = None
+  error: Optional[BadInputError] = None
+
+
+def _sample_mask(sample: Sample, size: int, image_hw: Tuple[int, int]) -> np.ndarray:
+  """The (size, size) bool ground truth of a sample: all False unless it is defective."""
+  if sample.label != 1:
+    return np.zeros((size, size), bool)
+  if sample.mask_path is None:
+    raise BadInputError(f"defective image {sample.path} has no mask path; pass with_masks=False "
+                        "to score it without ground truth")
+  return load_mask(sample.mask_path, size, sample.path, image_hw)
+
+
+def _decode(sample: Sample, image_size: int, with_masks: bool) -> _Decoded:
+  """Decodes one sample. An unreadable image is returned as data (it may be skipped); a bad
+  mask raises (the ground truth is wrong, skipping would bias the metrics)."""
+  try:
+    rgb = read_rgb(sample.path)
+  except BadInputError as err:
+    return _Decoded(sample, error=err)
+  image = preprocess_image(rgb, image_size)
+  mask = _sample_mask(sample, image_size, (rgb.height, rgb.width)) if with_masks else None
+  return _Decoded(sample, image, mask)
+
+
+def _decoded_in_order(samples: Sequence[Sample], decode: Callable[[Sample], _Decoded],
+                      num_workers: int, window: int) -> Iterator[_Decoded]:
+  """Yields decode(s) for each sample in order, with up to `window` decodes in flight."""
+  if num_workers <= 0:
+    yield from map(decode, samples)
+    return
+  todo = iter(samples)
+  with concurrent.futures.ThreadPoolExecutor(num_workers, "fiseclip-data") as pool:
+    pending = collections.deque(pool.submit(decode, s) for s in itertools.islice(todo, window))
+    try:
+      while pending:
+        done = pending.popleft().result()
+        for s in itertools.islice(todo, 1):
+          pending.append(pool.submit(decode, s))
+        yield done
+    finally:
+      for future in pending:
+        future.cancel()
+
+
+def _assemble(slots: List[_Decoded], batch_size: int, image_size: int,
+              with_masks: bool) -> Batch:
+  """Stacks decoded samples into a batch of `batch_size` slots, padding the rest."""
+  shape = (batch_size, image_size, image_size)
+  images = np.zeros(shape + (3,), np.float32)
+  valid = np.zeros(batch_size, bool)
+  labels = np.full(batch_size, -1, np.int32)
+  masks = np.zeros(shape, bool) if with_masks else None
+  samples: List[Optional[Sample]] = [None] * batch_size
+  for i, d in enumerate(slots):
+    images[i], valid[i], labels[i], samples[i] = d.image, True, d.sample.label, d.sample
+    if masks is not None:
+      masks[i] = d.mask
+  return Batch(images, valid, labels, masks, samples)
+
+
+def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
+                 with_masks: bool = True, num_workers: int = 4, skip_bad_images: bool = False,
+                 on_skip: Optional[Callable[[str, BadInputError], None]] = None,
+                 prefetch_batches: int = 2) -> Iterator[Batch]:
+  """Yields batches of exactly `batch_size` slots, in the order of `samples`.
+
+  Args:
+    samples: what to load (e.g. from `mvtec_samples`).
+    batch_size: slots per batch; the last batch is padded (valid=False, zeros, label -1).
+    image_size: S, the side every image (and mask) is resized to.
+    with_masks: also load ground-truth masks (defective samples must have one).
+    num_workers: decoding threads; 0 decodes in the calling thread, without prefetch.
+    skip_bad_images: an unreadable image is logged, reported to `on_skip` and replaced by the next
+      readable one (batches stay full); otherwise it raises BadInputError naming the file.
+    on_skip: called as on_skip(path, error) for each skipped image.
+    prefetch_batches: batches decoded ahead of the one the caller holds (at least 1 with threads).
+
+  Raises:
+    BadInputError: an unreadable image (unless skipped), a missing, unreadable or mis-sized mask.
+  """
+  if batch_size < 1 or image_size < 1:
+    raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
+  decode = functools.partial(_decode, image_size=image_size, with_masks=with_masks)
+  window = batch_size * max(1, prefetch_batches)  # in flight once the current batch is full
+  slots: List[_Decoded] = []
+  with contextlib.closing(_decoded_in_order(list(samples), decode, num_workers, window)) as stream:
+    for d in stream:
+      if d.error is not None:
+        if not skip_bad_images:
+          raise d.error
+        _LOG.warning("skipping unreadable image %s: %s", d.sample.path, d.error)
+        if on_skip is not None:
+          on_skip(d.sample.path, d.error)
+        continue
+      slots.append(d)
+      if len(slots) == batch_size:
+        yield _assemble(slots, batch_size, image_size, with_masks)
+        slots = []
+  if slots:
+    yield _assemble(slots, batch_size, image_size, with_masks)

@@ -1,0 +1,154 @@
+"""Image and mask preprocessing: any PIL-readable file to CLIP's normalized NHWC float32 input.
+
+CLIP preprocessing as in DESIGN.md section 2: convert to RGB, resize to S x S with PIL bicubic
+(no crop), /255, normalize with the OpenAI mean and std. Every bad input raises `BadInputError`
+with a message that names the file(s) and what was expected (DESIGN.md section 9).
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PathLike = Union[str, os.PathLike]
+
+# Modes whose samples are wider than 8 bits: scaled, not clipped, to 0..255.
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+class BadInputError(ValueError):
+  """A data file or folder that cannot be used; the message names it and what was expected."""
+
+
+def _open_decoded(path: PathLike, what: str) -> Image.Image:
+  """Opens and fully decodes `path`, so that truncated files fail here and not later.
+
+  The file is closed on return (the decoded pixels stay in memory), also when decoding fails.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+  except FileNotFoundError as err:
+    raise BadInputError(f"{what} {os.fspath(path)}: file not found") from err
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    raise BadInputError(
+        f"{what} {os.fspath(path)}: cannot read it as an image ({err}); expected a complete "
+        "PNG/JPEG/BMP/TIFF/WebP file") from err
+  return img
+
+
+def _wide_to_uint8(img: Image.Image) -> np.ndarray:
+  """Single-channel 16/32-bit or float samples -> uint8, scaled to the type's full range.
+
+  Integer modes ('I;16*', 'I') are read as 16-bit (0..65535 -> 0..255, so 65535 is 255).
+  Float ('F') is read as 0..1 when its maximum is <= 1, else as 0..255.
+  """
+  x = np.asarray(img).astype(np.float64)
+  x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+  if img.mode == "F":
+    scale = 255.0 if x.size and x.max() <= 1.0 else 1.0
+  else:
+    scale = 255.0 / 65535.0
+  return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Converts a decoded PIL image of any mode to 8-bit RGB.
+
+  Alpha is dropped (as open_clip's `convert('RGB')` does); palette images with a transparency
+  entry go through RGBA so PIL does not warn; wide greyscale is scaled, not clipped.
+  """
+  if img.mode == "RGB":
+    return img
+  if img.mode in _WIDE_MODES:
+    return Image.fromarray(_wide_to_uint8(img)).convert("RGB")
+  if img.mode in ("P", "PA") or "transparency" in img.info:
+    img = img.convert("RGBA")
+  return img.convert("RGB")
+
+
+def read_rgb(path: PathLike) -> Image.Image:
+  """Reads `path` at full resolution as an 8-bit RGB PIL image."""
+  img = _open_decoded(path, "image")
+  try:
+    return to_rgb(img)
+  except (OSError, ValueError) as err:
+    raise BadInputError(
+        f"image {os.fspath(path)}: cannot convert mode {img.mode!r} to RGB ({err})") from err
+
+
+def resize_rgb(img: Image.Image, size: int) -> Image.Image:
+  """Bicubic resize to size x size, no crop (the aspect ratio is not kept)."""
+  if img.size == (size, size):
+    return img
+  return img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
+  """uint8 (..., 3) -> float32, /255 then OpenAI mean/std."""
+  x = rgb_uint8.astype(np.float32) / np.float32(255.0)
+  return (x - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
+
+
+def preprocess_image(img: Image.Image, size: int) -> np.ndarray:
+  """An RGB PIL image -> normalized float32 (size, size, 3)."""
+  return normalize(np.asarray(resize_rgb(to_rgb(img), size)))
+
+
+def load_image(path: PathLike, size: int) -> np.ndarray:
+  """Reads `path` and returns CLIP's input: float32 (size, size, 3), normalized."""
+  return preprocess_image(read_rgb(path), size)
+
+
+def to_uint8_rgb(path: PathLike, size: int) -> np.ndarray:
+  """Reads `path` as uint8 (size, size, 3), resized like `load_image`: for heat-map overlays."""
+  return np.asarray(resize_rgb(read_rgb(path), size))
+
+
+def denormalize(images: np.ndarray) -> np.ndarray:
+  """Inverse of `normalize`: float32 (..., 3) -> uint8 (..., 3), for overlays of a batch."""
+  x = np.asarray(images, np.float32) * np.asarray(OPENAI_STD, np.float32)
+  x = (x + np.asarray(OPENAI_MEAN, np.float32)) * 255.0
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _defect_pixels(img: Image.Image) -> np.ndarray:
+  """A decoded mask of any mode -> bool (H, W): any non-zero sample is defect; alpha ignored."""
+  if img.mode in ("1", "L") or img.mode in _WIDE_MODES:
+    return np.asarray(img) != 0
+  if img.mode == "LA":
+    return np.asarray(img)[..., 0] != 0
+  return np.asarray(to_rgb(img)).max(axis=-1) != 0
+
+
+def load_mask(mask_path: PathLike, size: int, image_path: PathLike,
+              image_hw: Tuple[int, int]) -> np.ndarray:
+  """Reads a ground-truth mask as bool (size, size).
+
+  Any non-zero value is defect (VisA stores class indices, MVTec 255). The mask must have its
+  image's original (H, W) = `image_hw`; it is resized as a 0/1 float map with PIL bilinear, then
+  thresholded at 0.5 (DESIGN.md section 7).
+  """
+  what = f"mask (of image {os.fspath(image_path)})"
+  img = _open_decoded(mask_path, what)
+  mask_hw = (img.height, img.width)
+  if tuple(image_hw) != mask_hw:
+    raise BadInputError(
+        f"mask {os.fspath(mask_path)} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image "
+        f"{os.fspath(image_path)} is {image_hw[1]}x{image_hw[0]}; a mask must have the same "
+        "size as its image")
+  try:
+    defect = _defect_pixels(img)
+  except (OSError, ValueError) as err:
+    raise BadInputError(f"{what} {os.fspath(mask_path)}: cannot read mode {img.mode!r} ({err})"
+                        ) from err
+  if mask_hw == (size, size):
+    return defect
+  small = Image.fromarray(defect.astype(np.float32))
+  small = small.resize((size, size), Image.Resampling.BILINEAR)
+  return np.asarray(small) > 0.5

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Dict, Tuple
 
 import numpy as np
 from absl import app, flags, logging
 
-from fiseclip_jax.checkpoint import CheckpointError, save_checkpoint, sha256_file, unflatten
+from fiseclip_jax.checkpoint import (CheckpointError, check_params, flatten, save_checkpoint,
+                                     sha256_file)
 from fiseclip_jax.config import CLIPConfig
 
 StateDict = Dict[str, np.ndarray]
@@ -34,11 +36,14 @@ StateDict = Dict[str, np.ndarray]
 
 
 def _to_numpy(sd) -> StateDict:
+  """Arrays, floating point ones (fp16/bf16 included) upcast to float32."""
   out = {}
   for k, v in sd.items():
     if hasattr(v, "detach"):                                      # torch tensor
-      v = v.detach().cpu().float().numpy()
-    out[k] = np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+      v = v.detach().cpu()
+      v = v.float().numpy() if v.is_floating_point() else v.numpy()
+    a = np.asarray(v)
+    out[k] = a.astype(np.float32) if a.dtype.name.startswith(("float", "bfloat")) else a
   return out
 
 
@@ -48,7 +53,9 @@ def _read_torch(path: str) -> StateDict:
   except ImportError as e:
     raise CheckpointError(f"{path}: reading .pt/.bin files needs PyTorch (pip install 'fiseclip-jax[torch]')") from e
   try:
-    module = torch.jit.load(path, map_location="cpu")             # OpenAI's TorchScript archives
+    with warnings.catch_warnings():                               # torch.jit is deprecated, still reads
+      warnings.simplefilter("ignore", DeprecationWarning)
+      module = torch.jit.load(path, map_location="cpu")           # OpenAI's TorchScript archives
     sd = module.state_dict()
   except Exception:  # noqa: BLE001 - not TorchScript: a pickled state dict.
     try:
@@ -63,33 +70,45 @@ def _read_torch(path: str) -> StateDict:
 
 
 def _read_safetensors(path: str) -> StateDict:
+  import ml_dtypes  # noqa: F401 - registers numpy's bfloat16, so bf16 files load.
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   try:
     return _to_numpy(load_file(path))
-  except (SafetensorError, OSError, ValueError) as e:
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {e}") from e
 
 
 def _read_msgpack(path: str) -> StateDict:
   from flax import serialization
-  from fiseclip_jax.checkpoint import flatten
   try:
     with open(path, "rb") as f:
       tree = serialization.msgpack_restore(f.read())
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"{path}: not a readable Flax msgpack file (truncated?): {e}") from e
+  if not isinstance(tree, dict):
+    raise CheckpointError(f"{path}: expected a params tree, found {type(tree).__name__}")
+  if set(tree) == {"params"} and isinstance(tree["params"], dict):   # {"params": ...} variables
+    tree = tree["params"]
   return {k: np.asarray(v, np.float32) for k, v in flatten(tree).items()}
 
 
-def read_source(src: str) -> Tuple[StateDict, str, dict]:
-  """(state dict, layout in {"hf", "hf_flax", "openai"}, HF config or {}) and the weights file."""
+def read_source(src: str) -> Tuple[StateDict, str, dict, str]:
+  """(state dict, layout in {"hf", "hf_flax", "openai"}, HF config or {}, weights file)."""
   if os.path.isdir(src):
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
       raise CheckpointError(f"{src}: a Hugging Face CLIP folder needs config.json")
-    with open(cfg_path) as f:
-      hf_config = json.load(f)
+    try:
+      with open(cfg_path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{cfg_path}: not a readable JSON config: {e}") from e
+    if not isinstance(hf_config, dict):
+      raise CheckpointError(f"{cfg_path}: expected a JSON object, found {type(hf_config).__name__}")
+    if "vision_config" not in hf_config or "text_config" not in hf_config:
+      raise CheckpointError(f"{cfg_path}: not a CLIPModel config (model_type={hf_config.get('model_type')!r}, "
+                            "no vision_config/text_config)")
     for name, reader, layout in (("model.safetensors", _read_safetensors, "hf"),
                                  ("pytorch_model.bin", _read_torch, "hf"),
                                  ("flax_model.msgpack", _read_msgpack, "hf_flax")):
@@ -154,13 +173,13 @@ def _check_consumed(sd: StateDict, where: str) -> None:
     raise CheckpointError(f"{where}: unexpected keys {left[:10]}" + (f" (+{len(left) - 10} more)" if len(left) > 10 else ""))
 
 
-def config_from_hf(hf: dict) -> CLIPConfig:
-  """CLIPConfig from a Hugging Face CLIP config.json."""
-  v, t = hf.get("vision_config", {}), hf.get("text_config", {})
+def config_from_hf(hf: dict, where: str = "config.json") -> CLIPConfig:
+  """CLIPConfig from a Hugging Face CLIP config.json (`where` names it in errors)."""
+  v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
   for name, c in (("vision_config", v), ("text_config", t)):
     act = c.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
-      raise CheckpointError(f"config.json {name}.hidden_act={act!r}; only CLIP's quick_gelu is supported")
+      raise CheckpointError(f"{where}: {name}.hidden_act={act!r}; only CLIP's quick_gelu is supported")
   eps = v.get("layer_norm_eps", 1e-5)
   return CLIPConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
                     vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
@@ -201,13 +220,12 @@ def hf_flax_to_params(sd: StateDict, cfg: CLIPConfig, where: str) -> dict:
   """Old `FlaxCLIPModel` msgpack ('/'-joined keys, kernels already (in, out), conv HWIO)."""
   renamed = {}
   for k, v in sd.items():
-    k = k.replace("/", ".")
-    if k.endswith((".kernel", ".scale", ".embedding")):
-      base, leaf = k.rsplit(".", 1)
-      if leaf == "kernel":
-        v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T      # back to torch layout
-      k = f"{base}.{ 'bias' if False else 'weight'}"
-    renamed[k] = v
+    base, _, leaf = k.replace("/", ".").rpartition(".")
+    if leaf == "kernel":
+      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T        # back to torch layout
+    if leaf in ("kernel", "scale", "embedding"):
+      leaf = "weight"
+    renamed[f"{base}.{leaf}" if base else leaf] = v
   return hf_to_params(renamed, cfg, where)
 
 
@@ -260,17 +278,23 @@ def convert(src: str) -> Tuple[dict, CLIPConfig, str]:
   try:
     if layout == "openai":
       cfg = config_from_openai(sd)
-      return openai_to_params(sd, cfg, path), cfg, path
-    cfg = config_from_hf(hf_config)
-    fn = hf_to_params if layout == "hf" else hf_flax_to_params
-    return fn(sd, cfg, path), cfg, path
+      params = openai_to_params(sd, cfg, path)
+    else:
+      cfg = config_from_hf(hf_config, os.path.join(src, "config.json"))
+      fn = hf_to_params if layout == "hf" else hf_flax_to_params
+      params = fn(sd, cfg, path)
   except KeyError as e:
     raise CheckpointError(f"{path}: missing key {e} needed to read the architecture") from e
+  check_params(flatten(params), cfg, path)          # e.g. config.json disagrees with the tensors
+  return params, cfg, path
 
 
 def main(argv):
   del argv
-  params, cfg, path = convert(FLAGS.src)
+  try:
+    params, cfg, path = convert(FLAGS.src)
+  except CheckpointError as e:
+    raise SystemExit(f"error: {e}") from None
   digest = sha256_file(path)
   save_checkpoint(FLAGS.out, params, cfg, source_sha256=digest, source=path)
   logging.info("wrote %s (%s, source sha256 %s)", FLAGS.out, cfg, digest)

@@ -59,9 +59,11 @@ def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LEN
     texts = [texts]
   tok = get_tokenizer()
   sot, eot = tok.convert_tokens_to_ids(SOT), tok.convert_tokens_to_ids(EOT)
+  texts = list(texts)
   out = np.zeros((len(texts), context_length), np.int32)
-  for i, text in enumerate(texts):
-    ids = [sot] + tok(text, add_special_tokens=False)["input_ids"] + [eot]
+  encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+  for i, body in enumerate(encoded):
+    ids = [sot] + list(body) + [eot]
     if len(ids) > context_length:
       ids = ids[:context_length - 1] + [eot]
     out[i, :len(ids)] = ids

@@ -1,0 +1,112 @@
+"""The evaluation programs as a new user runs them (subprocesses, small sizes, random weights)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from fiseclip_jax.data import demo_root
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--random_weights", "--model=demo", "--image_size=112", "--batch_size=8", "--noprogress",
+        "--platform=cpu"]
+
+
+def run(module, *args, check=True, timeout=600):
+  p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                     timeout=timeout)
+  if check and p.returncode != 0:
+    raise AssertionError(f"{module} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+  return p
+
+
+def without_timing(doc):
+  doc = json.loads(json.dumps(doc))
+  for r in doc["categories"].values():
+    r.pop("timing")
+  return doc
+
+
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory):
+  """An MVTec-layout root with two categories (the demo set twice, second one shuffled names)."""
+  root = tmp_path_factory.mktemp("mvtec")
+  shutil.copytree(Path(demo_root()) / "hazelnut", root / "hazelnut")
+  shutil.copytree(Path(demo_root()) / "hazelnut", root / "nut_b")
+  return root
+
+
+def test_demo_runs_end_to_end_and_says_random(tmp_path):
+  p = run("eval.demo", "--image_size=112", f"--out={tmp_path}", "--noprogress", "--platform=cpu")
+  assert "RANDOM WEIGHTS" in p.stdout and "MEANINGLESS" in p.stdout
+  assert "hazelnut" in p.stdout and "px-AUROC" in p.stdout
+  doc = json.loads((tmp_path / "results.json").read_text())
+  m = doc["categories"]["hazelnut"]["metrics"]
+  assert set(m["pixel"]) == {"auroc", "f1_max", "ap", "aupro"} and set(m["image"]) == {"auroc", "f1_max", "ap"}
+  assert all(0.0 <= v <= 1.0 for level in m.values() for v in level.values())
+  assert doc["checkpoint"]["weights"].startswith("random:")
+  assert doc["categories"]["hazelnut"]["n_images"] == 23
+  lines = (tmp_path / "scores" / "hazelnut.csv").read_text().splitlines()
+  assert lines[0] == "path,label,score" and len(lines) == 24
+  assert (tmp_path / "results.csv").read_text().startswith("category,pixel_auroc")
+
+
+def test_deterministic_and_resume(two_categories, tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  run("eval.mvtec", f"--data_root={two_categories}", f"--out={a}", *FAST)
+  run("eval.mvtec", f"--data_root={two_categories}", f"--out={b}", *FAST)
+  doc_a = json.loads((a / "results.json").read_text())
+  assert without_timing(doc_a) == without_timing(json.loads((b / "results.json").read_text()))
+  assert (a / "scores" / "nut_b.csv").read_text() == (b / "scores" / "nut_b.csv").read_text()
+  # Kill a run once its first category is written, then resume: the first is not redone.
+  c = tmp_path / "c"
+  proc = subprocess.Popen([sys.executable, "-m", "eval.mvtec", f"--data_root={two_categories}", f"--out={c}", *FAST],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (c / "results.json").exists():
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  first = json.loads((c / "results.json").read_text())["categories"]
+  assert len(first) >= 1
+  p = run("eval.mvtec", f"--data_root={two_categories}", f"--out={c}", "--resume", *FAST)
+  for cat in first:
+    assert f"{cat}: done earlier (--resume), skipped" in p.stdout
+  final = json.loads((c / "results.json").read_text())
+  assert set(final["categories"]) == {"hazelnut", "nut_b"}
+  assert without_timing(final) == without_timing(doc_a)
+
+
+def test_greyscale_grid_subset(tmp_path):
+  root = shared_data("mvtec_ad_grid_subset")
+  run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path}", *FAST)
+  doc = json.loads((tmp_path / "results.json").read_text())
+  assert doc["categories"]["grid"]["n_images"] == 14
+
+
+def test_folder_scores_single_image_with_seclip_alone(tmp_path):
+  images = tmp_path / "imgs"
+  images.mkdir()
+  shutil.copy(Path(demo_root()) / "hazelnut" / "test" / "good" / sorted(os.listdir(Path(demo_root()) / "hazelnut" / "test" / "good"))[0], images / "one.jpg")
+  p = run("eval.folder", f"--images={images}", "--class_name=hazelnut", f"--out={tmp_path / 'out'}", *FAST)
+  assert "SeCLIP alone" in p.stdout
+  lines = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+  assert len(lines) == 2 and lines[1].split(",")[0].endswith("one.jpg")
+  assert np.isfinite(float(lines[1].split(",")[2]))
+  assert (tmp_path / "out" / "maps" / "one.png").exists()
+
+
+def test_wrong_layout_and_missing_weights_are_clear_errors(tmp_path):
+  (tmp_path / "flat").mkdir()
+  (tmp_path / "flat" / "x.png").write_bytes(b"")
+  p = run("eval.mvtec", f"--data_root={tmp_path / 'flat'}", f"--out={tmp_path / 'o'}", *FAST, check=False)
+  assert p.returncode != 0 and "MVTec" in (p.stdout + p.stderr) and "expected" in (p.stdout + p.stderr)
+  p = run("eval.mvtec", f"--data_root={tmp_path}", "--platform=cpu", check=False)
+  assert p.returncode != 0 and "--weights" in p.stderr

@@ -1,0 +1,85 @@
+"""Data-parallel scoring over simulated devices and processes equals the single-device run."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+from fiseclip_jax import sharding
+from fiseclip_jax.data import demo_root
+
+ROOT = Path(__file__).resolve().parents[1]
+HAZELNUT = SHARED_DATA / "otx_hazelnut_colour"
+DATA = HAZELNUT if HAZELNUT.exists() else Path(demo_root())      # a fresh clone has only the demo
+FAST = ["--random_weights", "--model=demo", "--image_size=112", "--noprogress", "--platform=cpu"]
+
+
+def run_eval(out, devices, *extra, env_extra=None):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+  return subprocess.Popen([sys.executable, "-m", "eval.mvtec", f"--data_root={DATA}", f"--out={out}", *FAST, *extra],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, f"{out}\n{err[-4000:]}"
+  return out
+
+
+def read(out):
+  doc = json.loads((out / "results.json").read_text())
+  with open(out / "scores" / "hazelnut.csv") as f:
+    rows = list(csv.DictReader(f))
+  return doc, {r["path"]: float(r["score"]) for r in rows}
+
+
+def assert_same(a, b):
+  (doc_a, scores_a), (doc_b, scores_b) = read(a), read(b)
+  assert scores_a.keys() == scores_b.keys() and len(scores_a) == 23
+  assert max(abs(scores_a[k] - scores_b[k]) for k in scores_a) <= 1e-6
+  ma, mb = doc_a["categories"]["hazelnut"]["metrics"], doc_b["categories"]["hazelnut"]["metrics"]
+  for level in ma:
+    for key in ma[level]:
+      assert ma[level][key] == pytest.approx(mb[level][key], abs=1e-6), (level, key)
+
+
+@pytest.mark.parametrize("batch_size", [3, 2])   # 8 batches (one whole round of 8) / 12 (8 + 4)
+def test_eight_devices_equal_one(tmp_path, batch_size):
+  one = run_eval(tmp_path / "one", 1, f"--batch_size={batch_size}")
+  eight = run_eval(tmp_path / "eight", 8, f"--batch_size={batch_size}")
+  finish(one)
+  assert "8 cpu device(s)" in finish(eight)
+  assert_same(tmp_path / "one", tmp_path / "eight")
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+  port = free_port()
+  single = run_eval(tmp_path / "single", 1, "--batch_size=4")
+  procs = [run_eval(tmp_path / "multi", 4, "--batch_size=4", "--multihost", f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  outs = [finish(p) for p in procs]
+  finish(single)
+  assert "2 process(es)" in outs[0]
+  assert "wrote" in outs[0] and "wrote" not in outs[1]          # process 0 alone writes files
+  assert_same(tmp_path / "single", tmp_path / "multi")
+
+
+def test_pad_round_and_process_share():
+  images, valid = np.ones((3, 2, 4, 4, 3), np.float32), np.ones((3, 2), bool)
+  pi, pv = sharding.pad_round(images, valid, 8)
+  assert pi.shape == (8, 2, 4, 4, 3) and pv[:3].all() and not pv[3:].any()
+  assert sharding.process_share(range(10), 1, 3) == [1, 4, 7]
+  rows = np.arange(6).reshape(3, 2)
+  np.testing.assert_array_equal(sharding.gather_rows(rows), rows)   # one process: unchanged

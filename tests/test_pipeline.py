@@ -80,6 +80,8 @@ def test_filter_loops_and_score_rules_match_reference(setup, loop, score):
 
 
 def test_padding_invariance(setup):
+  """B = 3 and B = 8 are different compiled programs (other reduction orders): equal to float32
+  rounding, 1e-5 on values of order 1; the masks and reference counts are exactly equal."""
   params, images, text, _, conf = setup
   exact = fj.detect(params, CFG, conf, images[:3], np.ones(3, bool), text)
   padded_images = np.concatenate([images[:3], np.zeros((5, 84, 84, 3), np.float32)])
@@ -90,7 +92,7 @@ def test_padding_invariance(setup):
       b = b[:, :3]
     else:
       b = b[:3]
-    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(a, b, atol=0 if key in ("masks", "n_ref") else 1e-5, err_msg=key)
 
 
 def test_permutation_equivariance(setup):
@@ -123,7 +125,8 @@ def test_single_image_falls_back_to_seclip_with_warning(setup):
   # Same through padding: one valid image among four slots.
   with pytest.warns(fj.SeCLIPOnlyWarning):
     out4 = fj.detect(params, CFG, conf, np.concatenate([images[:1], images[1:4]]), np.array([1, 0, 0, 0], bool), text)
-  np.testing.assert_allclose(np.asarray(out4.anomaly_maps)[0], np.asarray(out.anomaly_maps)[0], atol=1e-6)
+  # B = 1 and B = 4 compile to different programs: equal to float32 rounding (see padding test).
+  np.testing.assert_allclose(np.asarray(out4.anomaly_maps)[0], np.asarray(out.anomaly_maps)[0], atol=1e-5)
 
 
 def test_vote_off_is_plain_mutual_scoring_plus_fusion(setup):

@@ -111,9 +111,16 @@ def block_params(stacked: dict, i: int) -> dict:
 
 
 def _tower_init(key, block: Block, n_layers: int, width: int) -> dict:
+  """Stacked random blocks with OpenAI CLIP's init: the residual-branch outputs (attention out,
+  MLP fc2) scaled by (2 L)^-1/2, so a deep random tower keeps its input's spatial content instead
+  of collapsing all tokens together (random-weight demos and tests stay informative)."""
   x = jnp.zeros((1, 1, width), jnp.float32)
   keys = jax.random.split(key, n_layers)
-  return jax.vmap(lambda k: block.init(k, x)["params"])(keys)
+  params = jax.vmap(lambda k: block.init(k, x)["params"])(keys)
+  shrink = (2 * n_layers) ** -0.5
+  for name in ("out", "fc2"):
+    params[name]["kernel"] = params[name]["kernel"] * shrink
+  return params
 
 
 def init_params(cfg: CLIPConfig, seed: int = 0) -> dict:

@@ -68,6 +68,22 @@ def define_flags(dataset: str, with_data_root: bool = True) -> None:
   f.DEFINE_integer("pair_chunk", d.pair_chunk, "Image pairs per step of the matching loop.")
 
 
+def clean_errors(main):
+  """Wrap an absl main: bad input (data, checkpoint, flags) ends with one clear line, exit 1.
+
+  Categories finished before the error are already on disk (results are written one by one).
+  """
+  def wrapped(argv):
+    from fiseclip_jax.checkpoint import CheckpointError
+    from fiseclip_jax.data import BadInputError
+    try:
+      return main(argv)
+    except (BadInputError, CheckpointError, flags.ValidationError) as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(1)
+  return wrapped
+
+
 def _default_conf():
   from fiseclip_jax.config import FiSeConfig  # kept lazy: no jax import before --platform
   return FiSeConfig()

@@ -33,4 +33,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.FLAGS.set_default("batch_size", 8)
   flags.FLAGS.set_default("out", "results/demo")
-  app.run(main)
+  app.run(common.clean_errors(main))

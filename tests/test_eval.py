@@ -110,3 +110,25 @@ def test_wrong_layout_and_missing_weights_are_clear_errors(tmp_path):
   assert p.returncode != 0 and "MVTec" in (p.stdout + p.stderr) and "expected" in (p.stdout + p.stderr)
   p = run("eval.mvtec", f"--data_root={tmp_path}", "--platform=cpu", check=False)
   assert p.returncode != 0 and "--weights" in p.stderr
+
+
+def test_bad_image_is_named_or_skipped(tmp_path):
+  root = tmp_path / "mvtec"
+  shutil.copytree(Path(demo_root()) / "hazelnut", root / "hazelnut")
+  good = sorted((root / "hazelnut" / "test" / "good").iterdir())[0]
+  good.write_bytes(good.read_bytes()[:200])                      # truncated JPEG
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'o'}", *FAST, check=False)
+  assert p.returncode == 1 and good.name in p.stderr and "Traceback" not in p.stderr
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'o'}", "--skip_bad_images", *FAST)
+  doc = json.loads((tmp_path / "o" / "results.json").read_text())
+  assert doc["categories"]["hazelnut"]["n_images"] == 22
+  assert good.name in p.stderr                                    # the warning names it
+
+
+def test_missing_mask_is_a_clear_error(tmp_path):
+  root = tmp_path / "mvtec"
+  shutil.copytree(Path(demo_root()) / "hazelnut", root / "hazelnut")
+  mask = sorted((root / "hazelnut" / "ground_truth" / "colour").iterdir())[0]
+  mask.unlink()
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'o'}", *FAST, check=False)
+  assert p.returncode == 1 and mask.name in p.stderr and "Traceback" not in p.stderr

@@ -128,7 +128,7 @@ def test_block_stack_traced_once_per_segment():
   jaxpr = jax.make_jaxpr(lambda p, x: _encode_image(p, cfg, x, (6, 12, 18, 24), 12, "mean", "layer", "float32", None))(
       params, jnp.zeros((1, 56, 56, 3)))
   text = str(jaxpr)
-  assert text.count("scan[") <= 6
+  assert text.count("scan[") <= 7    # 6 block segments + the chunked SeCLIP proxy block
   # One dot_general per q/k/v/out/fc1/fc2 inside each scan body; nowhere near 24 * 6 in total.
   assert text.count("dot_general") < 80
 

@@ -26,6 +26,7 @@ from fiseclip_jax.clip.pos_embed import resample_pos_embed
 from fiseclip_jax.config import CLIPConfig
 
 Array = jax.Array
+PROXY_CHUNK = 8   # images per step of the SeCLIP proxy block (its attention is (b, H, T, T) float32)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -228,10 +229,22 @@ def _encode_image(params, cfg: CLIPConfig, images, feature_layers, proxy_layer, 
   cls_embed = project(visual["ln_post"], visual["proj"], x_last[:, 0], eps, dtype)
   kind = "qk" if proxy_attention == "layer" else proxy_attention
   attn_block = proxy_layer - 1 if proxy_attention == "layer" else n - 1
-  probs = proxy_attention_probs(block, block_params(stacked, attn_block), seen[attn_at], kind,
-                                proxy_heads)
-  x_final = proxy_block(block, block_params(stacked, n - 1), seen[n - 1], probs)
-  proxy = project(visual["ln_post"], visual["proj"], x_final[:, 1:], eps, dtype)
+  bp_attn, bp_last = block_params(stacked, attn_block), block_params(stacked, n - 1)
+
+  def seclip_patches(xs):
+    """Proxy block for a few images: bounds the (b, H, T, T) attention probabilities in memory."""
+    x_attn, x_in = xs
+    probs = proxy_attention_probs(block, bp_attn, x_attn, kind, proxy_heads)
+    x_final = proxy_block(block, bp_last, x_in, probs)
+    return project(visual["ln_post"], visual["proj"], x_final[:, 1:], eps, dtype)
+
+  chunk = min(images.shape[0], PROXY_CHUNK)
+  split = lambda a: a.reshape(-1, chunk, *a.shape[1:]) if a.shape[0] % chunk == 0 else None
+  if split(seen[attn_at]) is not None:
+    proxy = jax.lax.map(seclip_patches, (split(seen[attn_at]), split(seen[n - 1])))
+    proxy = proxy.reshape(-1, *proxy.shape[2:])
+  else:
+    proxy = seclip_patches((seen[attn_at], seen[n - 1]))
   layer_tokens = jnp.stack([seen[i] for i in feature_layers])
   return ImageFeatures(cls_embed, layer_tokens, proxy)
 

@@ -462,3 +462,12 @@ def test_openai_layout_extra_key(sources, tmp_path):
   torch.save(sd, bad)
   msg = raises(conv.convert, bad)
   assert bad in msg and "unexpected" in msg and "visual.head.weight" in msg
+
+
+def test_head_counts_override_for_openai_layout(sources):
+  """OpenAI layout stores no head count: width // 64 unless told (open_clip ViT-H/14 has 16 heads)."""
+  from weights.convert import convert
+  _, guessed, _ = convert(sources["open_clip_pt"])
+  assert (guessed.vision_heads, guessed.text_heads) == (2, 1)
+  params, told, _ = convert(sources["open_clip_pt"], vision_heads=4, text_heads=2)
+  assert (told.vision_heads, told.text_heads) == (4, 2)

@@ -15,11 +15,12 @@ float32. The output records the CLIPConfig and the source's sha256.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from absl import app, flags, logging
@@ -272,12 +273,21 @@ def openai_to_params(sd: StateDict, cfg: CLIPConfig, where: str) -> dict:
   return params
 
 
-def convert(src: str) -> Tuple[dict, CLIPConfig, str]:
-  """(params, cfg, weights file) from any supported source."""
+def convert(src: str, vision_heads: Optional[int] = None,
+            text_heads: Optional[int] = None) -> Tuple[dict, CLIPConfig, str]:
+  """(params, cfg, weights file) from any supported source.
+
+  OpenAI / open_clip files do not store head counts: they are taken as width // 64 (right for
+  every OpenAI model); pass vision_heads / text_heads for others (open_clip ViT-H/14: 16).
+  """
   sd, layout, hf_config, path = read_source(src)
   try:
     if layout == "openai":
       cfg = config_from_openai(sd)
+      heads = {k: v for k, v in (("vision_heads", vision_heads), ("text_heads", text_heads)) if v}
+      cfg = dataclasses.replace(cfg, **heads)
+      logging.info("%s: heads not stored in OpenAI layout; using vision %d, text %d",
+                   path, cfg.vision_heads, cfg.text_heads)
       params = openai_to_params(sd, cfg, path)
     else:
       cfg = config_from_hf(hf_config, os.path.join(src, "config.json"))
@@ -292,7 +302,7 @@ def convert(src: str) -> Tuple[dict, CLIPConfig, str]:
 def main(argv):
   del argv
   try:
-    params, cfg, path = convert(FLAGS.src)
+    params, cfg, path = convert(FLAGS.src, FLAGS.vision_heads, FLAGS.text_heads)
   except CheckpointError as e:
     raise SystemExit(f"error: {e}") from None
   digest = sha256_file(path)
@@ -305,4 +315,6 @@ FLAGS = flags.FLAGS
 if __name__ == "__main__":
   flags.DEFINE_string("src", None, "HF CLIP folder, OpenAI .pt, or open_clip state dict", required=True)
   flags.DEFINE_string("out", None, "output .safetensors file", required=True)
+  flags.DEFINE_integer("vision_heads", None, "OpenAI/open_clip layout only: vision heads (default width // 64)")
+  flags.DEFINE_integer("text_heads", None, "OpenAI/open_clip layout only: text heads (default width // 64)")
   app.run(main)

@@ -26,7 +26,7 @@ from fiseclip_jax.clip.pos_embed import resample_pos_embed
 from fiseclip_jax.config import CLIPConfig
 
 Array = jax.Array
-PROXY_CHUNK = 8   # images per step of the SeCLIP proxy block (its attention is (b, H, T, T) float32)
+PROXY_CHUNK = 8   # at most this many images per step of the SeCLIP proxy block (its attention is (b, H, T, T) float32)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -238,13 +238,11 @@ def _encode_image(params, cfg: CLIPConfig, images, feature_layers, proxy_layer, 
     x_final = proxy_block(block, bp_last, x_in, probs)
     return project(visual["ln_post"], visual["proj"], x_final[:, 1:], eps, dtype)
 
-  chunk = min(images.shape[0], PROXY_CHUNK)
-  split = lambda a: a.reshape(-1, chunk, *a.shape[1:]) if a.shape[0] % chunk == 0 else None
-  if split(seen[attn_at]) is not None:
-    proxy = jax.lax.map(seclip_patches, (split(seen[attn_at]), split(seen[n - 1])))
-    proxy = proxy.reshape(-1, *proxy.shape[2:])
-  else:
-    proxy = seclip_patches((seen[attn_at], seen[n - 1]))
+  b = images.shape[0]
+  chunk = max(c for c in range(1, min(b, PROXY_CHUNK) + 1) if b % c == 0)   # divides B: no padding
+  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
+  proxy = jax.lax.map(seclip_patches, (split(seen[attn_at]), split(seen[n - 1])))
+  proxy = proxy.reshape(b, *proxy.shape[2:])
   layer_tokens = jnp.stack([seen[i] for i in feature_layers])
   return ImageFeatures(cls_embed, layer_tokens, proxy)
 

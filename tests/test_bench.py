@@ -1,0 +1,118 @@
+"""Smoke tests of eval/bench.py: a tiny model end to end, in process and as the command line.
+
+No wall-clock assertions: only that every stage ran and reported finite, positive numbers.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 56
+RATE_KEYS = ("ms_per_batch", "ms_per_image", "images_per_s", "min_ms_per_batch")
+ROW_KEYS = RATE_KEYS + ("stage", "dtype", "batch", "times_ms", "flops_analytic", "flops_per_image",
+                        "tflops_per_s", "mfu", "peak_memory_bytes", "peak_memory_source",
+                        "xla_flops", "xla_memory_bytes", "compile_s", "attention_impl")
+
+
+def positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_stage_rows(rows, batch=2, dtype="float32"):
+  by_stage = {r["stage"]: r for r in rows if r.get("batch") == batch and r.get("dtype") == dtype}
+  assert set(bench.STAGES) <= set(by_stage), sorted(by_stage)
+  for name in bench.STAGES:
+    r = by_stage[name]
+    assert "error" not in r, r
+    missing = set(ROW_KEYS) - set(r)
+    assert not missing, (name, missing)
+    for k in RATE_KEYS + ("flops_analytic", "tflops_per_s", "mfu"):
+      assert positive(r[k]), (name, k, r[k])
+    assert r["times_ms"] and all(positive(t) for t in r["times_ms"]), (name, r["times_ms"])
+    assert r["peak_memory_source"] in ("device_peak_bytes_in_use", "host_max_rss_delta")
+    assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] >= 0
+    assert math.isclose(r["ms_per_image"] * batch, r["ms_per_batch"], rel_tol=1e-9)
+  return by_stage
+
+
+def test_analytic_flops_match_the_issue_figures():
+  cfg, conf = bench.model_configs("vit_l14_336", 518)
+  assert 0.95e12 < bench.tower_flops(cfg, 518) < 1.1e12                      # ~1.0 TFLOP/image
+  per_image = bench.matching_flops(cfg, conf, 518, 16) / 16
+  assert 0.33e12 < per_image < 0.36e12                                        # ~0.35 TFLOP/image
+  flops = bench.stage_flops(cfg, conf, 518, 16)
+  assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in bench.STAGES[:-1]))
+
+
+def test_model_configs_reject_bad_sizes():
+  with pytest.raises(ValueError, match="patch size"):
+    bench.model_configs("vit_b16", 518)
+
+
+def test_bench_rows_in_process():
+  cfg, conf = bench.model_configs("tiny", SIZE)
+  params = bench.fj.init_params(cfg, 0)
+  rows = bench.bench_rows(params, cfg, conf, 2, repeats=1, peak=1.0)
+  check_stage_rows(rows)
+  if bench.torch_available():
+    images, _, _ = bench.random_inputs(cfg, 2, SIZE)
+    model = bench.torch_tower(cfg, "float32", "cpu")
+    rows.append(bench.torch_row(model, images, "float32", "cpu", 2, 1e6, 1.0, 1))
+    bench.compare_torch(rows)
+    enc = next(r for r in rows if r["stage"] == "encoder")
+    assert positive(enc["torch_ms_per_image"]) and positive(enc["jax_over_torch"])
+  table = io.StringIO()
+  result = {"machine": bench.machine(), "versions": bench.versions(), "date": "today",
+            "peak": {"tflops": {"float32": 1.0}, "source": "test"}, "rows": rows}
+  bench.print_table(result, file=table)
+  text = table.getvalue()
+  for name in bench.STAGES:
+    assert name in text
+
+
+def test_metrics_bench_small():
+  out = bench.metrics_bench(n=6, size=48)
+  assert out["pixels"] == 6 * 48 * 48
+  assert positive(out["pixel_metrics_s"]) and positive(out["image_metrics_s"])
+  assert set(out["pixel_metrics"]) == {"auroc", "f1_max", "ap", "aupro"}
+  assert all(math.isfinite(v) for v in out["pixel_metrics"].values())
+
+
+def test_command_line_writes_complete_json(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "eval.bench", "--platform=cpu", "--host_devices=2", "--model=tiny",
+         f"--image_size={SIZE}", "--batch_sizes=2", "--dtypes=float32", "--repeats=1",
+         "--torch_compare", "--devices=1,2,4", "--dp_batch_size=2", "--metrics_n=4",
+         "--metrics_size=40", f"--out={out}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "end_to_end" in proc.stdout and "# metrics" in proc.stdout
+  res = json.loads(out.read_text())
+  for key in ("date", "machine", "versions", "flags", "peak", "model", "fise", "rows", "dp_rows",
+              "metrics", "torch"):
+    assert key in res, key
+  assert res["machine"]["platform"] == "cpu" and res["machine"]["device_count"] == 2
+  assert res["flags"]["model"] == "tiny" and res["flags"]["batch_sizes"] == ["2"]
+  for name in ("jax", "jaxlib", "flax", "torch", "transformers"):
+    assert name in res["versions"]
+  assert positive(res["peak"]["tflops"]["float32"])
+  stages = check_stage_rows(res["rows"])
+  if bench.torch_available():
+    torch_rows = [r for r in res["rows"] if r["stage"] == "torch_tower"]
+    assert len(torch_rows) == 1 and positive(torch_rows[0]["ms_per_image"])
+    assert positive(stages["encoder"]["jax_over_torch"])
+  dp = {r["devices"]: r for r in res["dp_rows"]}
+  assert set(dp) == {1, 2, 4}
+  assert "skipped" in dp[4]
+  for n in (1, 2):
+    assert positive(dp[n]["images_per_s"]) and dp[n]["images_per_call"] == 2 * n
+  assert positive(res["metrics"]["pixel_metrics_s"]) and positive(res["metrics"]["image_metrics_s"])

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import json
-import logging as pylogging
 import os
 import platform as pyplatform
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 from absl import flags, logging
@@ -99,8 +97,8 @@ def setup_platform(FLAGS) -> None:
     sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
-def fise_config(FLAGS, cfg):
-  """FiSeConfig from the flags; the demo model's layers scaled to its depth."""
+def fise_config(FLAGS):
+  """FiSeConfig from the flags; compute dtype by platform unless --compute_dtype is given."""
   import jax
   dtype = FLAGS.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   return _default_conf().replace(
@@ -337,17 +335,26 @@ def save_overlay(path: str, image_path: str, anomaly_map: np.ndarray) -> None:
   Image.fromarray((0.5 * rgb + 0.5 * heat).astype(np.uint8)).save(path)
 
 
+def overlay_writer(out_dir: str, data_root: str) -> Callable:
+  """A run_category callback writing each valid image's overlay (every process its own share)."""
+  def write(batch, maps, _scores):
+    for s, v, m in zip(batch.samples, batch.valid, maps):
+      if v:
+        name = os.path.splitext(os.path.relpath(s.path, data_root).replace(os.sep, "__"))[0] + ".png"
+        save_overlay(os.path.join(out_dir, name), s.path, m)
+  return write
+
+
 def run_dataset(FLAGS, dataset: str, list_categories: Callable, list_samples: Callable,
                 class_name: Callable[[str], str]) -> Dict[str, dict]:
   """The main loop of eval.mvtec / eval.visa / eval.btad."""
   import jax
   from fiseclip_jax import sharding
-  from fiseclip_jax.config import FiSeConfig  # noqa: F401
   setup_platform(FLAGS)
   if not FLAGS.data_root:
     raise flags.ValidationError(f"--data_root is required (the {dataset} folder)")
   params, cfg, ckpt = load_model(FLAGS)
-  conf = fise_config(FLAGS, cfg)
+  conf = fise_config(FLAGS)
   cats = FLAGS.categories or list_categories(FLAGS.data_root)
   devices = jax.local_devices()[:FLAGS.num_devices] if FLAGS.num_devices else jax.local_devices()
   mesh = sharding.make_mesh(devices)
@@ -379,13 +386,8 @@ def run_dataset(FLAGS, dataset: str, list_categories: Callable, list_samples: Ca
     starts = sharding.process_share(range(0, len(samples), FLAGS.batch_size))
     mine_index = [i for st in starts for i in range(st, min(st + FLAGS.batch_size, len(samples)))]
     mine = [samples[i] for i in mine_index]
-    on_batch = None
-    if FLAGS.save_maps and is_main:
-      def on_batch(b, maps, _scores, cat=cat):
-        for s, v, m in zip(b.samples, b.valid, maps):
-          if v:
-            rel = os.path.relpath(s.path, FLAGS.data_root).replace(os.sep, "__")
-            save_overlay(os.path.join(FLAGS.out, "maps", cat, os.path.splitext(rel)[0] + ".png"), s.path, m)
+    on_batch = (overlay_writer(os.path.join(FLAGS.out, "maps", cat), os.path.join(FLAGS.data_root, cat))
+                if FLAGS.save_maps else None)
     r = run_category(cat, mine, class_name(cat), params, cfg, conf, mesh, FLAGS.batch_size,
                      with_masks=True, skip_bad_images=FLAGS.skip_bad_images,
                      progress=FLAGS.progress and is_main, on_batch=on_batch, sample_index=mine_index)

@@ -26,7 +26,7 @@ def main(argv):
   if not FLAGS.images or not FLAGS.class_name:
     raise flags.ValidationError("--images DIR and --class_name NAME are required")
   params, cfg, _ = common.load_model(FLAGS)
-  conf = common.fise_config(FLAGS, cfg)
+  conf = common.fise_config(FLAGS)
   devices = jax.local_devices()[:FLAGS.num_devices] if FLAGS.num_devices else jax.local_devices()
   mesh = sharding.make_mesh(devices)
   params = sharding.replicate(params, mesh)

@@ -27,10 +27,12 @@ def lnamd(tokens: Array, r: int) -> Array:
   mean = x.mean(axis=(1, 2, 3), keepdims=True)
   var = jnp.square(x - mean).mean(axis=(1, 2, 3), keepdims=True)
   x = (x - mean) * jax.lax.rsqrt(var + 1e-5)
-  if r > 1:
+  if r > 1:   # separable r x r box sum (two 1-D windows: same sums, cheaper than one 2-D window)
     pad = (r - 1) // 2
-    x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, r, r, 1), (1, 1, 1, 1),
-                              ((0, 0), (pad, pad), (pad, pad), (0, 0))) / (r * r)
+    for window, padding in (((1, r, 1, 1), ((0, 0), (pad, pad), (0, 0), (0, 0))),
+                            ((1, 1, r, 1), ((0, 0), (0, 0), (pad, pad), (0, 0)))):
+      x = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1, 1, 1, 1), padding)
+    x = x / (r * r)
   x = x.reshape(b, h * w, c)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -48,10 +50,9 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
     return d
   iu, iv = np.triu_indices(b, 1)                           # each unordered pair once
   p = len(iu)
-  chunk = max(1, min(pair_chunk, p))
-  n_chunks = -(-p // chunk)
-  pu = np.concatenate([iu, np.full(n_chunks * chunk - p, iu[0])]).reshape(n_chunks, chunk)
-  pv = np.concatenate([iv, np.full(n_chunks * chunk - p, iv[0])]).reshape(n_chunks, chunk)
+  chunk = max(c for c in range(1, min(pair_chunk, p) + 1) if p % c == 0)   # divides p: no padding
+  n_chunks = p // chunk
+  pu, pv = iu.reshape(n_chunks, chunk), iv.reshape(n_chunks, chunk)
 
   def one_pair(u, v):
     fu, fv = feats[:, u], feats[:, v]                                       # (G, N, C)
@@ -62,8 +63,8 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
     return jnp.sqrt(jnp.maximum(rows, 0.0)), jnp.sqrt(jnp.maximum(cols, 0.0))
 
   rows, cols = jax.lax.map(lambda uv: jax.vmap(one_pair)(*uv), (jnp.asarray(pu), jnp.asarray(pv)))
-  rows = rows.reshape(n_chunks * chunk, g, n)[:p].transpose(1, 0, 2)        # (G, P, N)
-  cols = cols.reshape(n_chunks * chunk, g, n)[:p].transpose(1, 0, 2)
+  rows = rows.reshape(p, g, n).transpose(1, 0, 2)                           # (G, P, N)
+  cols = cols.reshape(p, g, n).transpose(1, 0, 2)
   d = d.at[:, iu, iv].set(rows)
   return d.at[:, iv, iu].set(cols)
 

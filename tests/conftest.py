@@ -1,5 +1,4 @@
 """Shared test set-up: float32 matmuls at full precision, the shared data folder, a random HF CLIP."""
-import os
 from pathlib import Path
 
 import jax

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
-from conftest import make_hf_clip
 from fiseclip_jax.clip.model import _encode_image
-from weights import convert as conv
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4

@@ -44,7 +44,7 @@ def two_categories(tmp_path_factory):
 
 
 def test_demo_runs_end_to_end_and_says_random(tmp_path):
-  p = run("eval.demo", "--image_size=112", f"--out={tmp_path}", "--noprogress", "--platform=cpu")
+  p = run("eval.demo", "--image_size=112", f"--out={tmp_path}", "--noprogress", "--platform=cpu", "--save_maps")
   assert "RANDOM WEIGHTS" in p.stdout and "MEANINGLESS" in p.stdout
   assert "hazelnut" in p.stdout and "px-AUROC" in p.stdout
   doc = json.loads((tmp_path / "results.json").read_text())
@@ -56,6 +56,7 @@ def test_demo_runs_end_to_end_and_says_random(tmp_path):
   lines = (tmp_path / "scores" / "hazelnut.csv").read_text().splitlines()
   assert lines[0] == "path,label,score" and len(lines) == 24
   assert (tmp_path / "results.csv").read_text().startswith("category,pixel_auroc")
+  assert len(list((tmp_path / "maps" / "hazelnut").glob("test__*.png"))) == 23
 
 
 def test_deterministic_and_resume(two_categories, tmp_path):

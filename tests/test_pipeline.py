@@ -175,7 +175,7 @@ def _primitive_names(jaxpr):
 def test_detect_traces_without_python_loops_over_images_pairs_or_layers(setup):
   """The jaxpr size does not grow with B: images and pairs are vmapped / scanned, not unrolled.
 
-  (B = 12 and 24 both pad their pair list to whole chunks of 8, so the programs are alike.)
+  (B = 12 and 24: 66 and 276 pairs, both split into whole chunks, so the programs are alike.)
   """
   params, _, text, _, conf = setup
   sizes = {}

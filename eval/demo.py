@@ -13,8 +13,10 @@ from eval import common
 
 common.define_flags("demo")
 FLAGS = flags.FLAGS
-BANNER = ("=" * 78 + "\nDEMO WITH RANDOM WEIGHTS: real images, untrained model. The numbers below are "
-          "MEANINGLESS;\nthey only show that the pipeline runs end to end.\n" + "=" * 78)
+BANNER = ("=" * 78 + "\nDEMO WITH RANDOM WEIGHTS: real images, untrained model. The numbers are MEANINGLESS\n"
+          "as a measure of FiSeCLIP (random patch features alone separate this set's colour\n"
+          "stains); they show that the pipeline runs end to end. Real numbers need the real\n"
+          "ViT-L/14-336 weights (README).\n" + "=" * 78)
 
 
 def main(argv):

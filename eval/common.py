@@ -64,6 +64,8 @@ def define_flags(dataset: str, with_data_root: bool = True) -> None:
   f.DEFINE_float("sigma", d.sigma, "Gaussian smoothing of the maps.")
   f.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Default: bfloat16 on GPU/TPU, float32 on CPU.")
   f.DEFINE_integer("pair_chunk", d.pair_chunk, "Image pairs per step of the matching loop.")
+  f.DEFINE_enum("attention_impl", None, ["xla", "cudnn"],
+                "Attention kernel (default: cuDNN on GPU in bfloat16, XLA elsewhere).")
 
 
 def clean_errors(main):
@@ -107,7 +109,7 @@ def fise_config(FLAGS):
       proxy_heads=FLAGS.proxy_heads, proxy_attention=FLAGS.proxy_attention, lam=FLAGS.lam, mu=FLAGS.mu,
       vote=FLAGS.vote, filter_loop=FLAGS.filter_loop, ref_agg=FLAGS.ref_agg, topk_frac=FLAGS.topk_frac,
       se_weight=FLAGS.se_weight, image_score=FLAGS.image_score, sigma=FLAGS.sigma,
-      compute_dtype=dtype, pair_chunk=FLAGS.pair_chunk)
+      compute_dtype=dtype, pair_chunk=FLAGS.pair_chunk, attention_impl=FLAGS.attention_impl)
 
 
 DEMO_CONFIG = dict(vision_layers=24, image_size=224, patch_size=14, width=64)

@@ -25,7 +25,6 @@ import resource
 import statistics
 import sys
 import time
-from importlib import metadata
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from absl import app
@@ -37,8 +36,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fiseclip_jax as fj
-from fiseclip_jax import ficlip, maps as maps_lib, pipeline, seclip
+from fiseclip_jax import ficlip, maps as maps_lib, pipeline, seclip, sharding
 from fiseclip_jax.clip import model as clip_model
+from eval.common import versions
 
 STAGES = ("encoder", "seclip", "lnamd", "mutual_filtering", "maps", "end_to_end")
 MODELS = ("vit_l14_336", "vit_b16", "tiny")
@@ -103,17 +103,6 @@ def model_configs(model: str, image_size: int):
     raise ValueError(f"--image_size {image_size} is not a multiple of {model}'s patch size "
                      f"{cfg.patch_size}")
   return cfg, fj.FiSeConfig(image_size=image_size, feature_layers=layers, proxy_layer=proxy)
-
-
-def versions() -> Dict[str, Optional[str]]:
-  """Installed versions of the packages that matter (None: not installed)."""
-  out = {"python": py_platform.python_version()}
-  for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      out[name] = None
-  return out
 
 
 def machine() -> dict:
@@ -337,14 +326,6 @@ def stage_fns(cfg, conf, impl: str) -> Dict[str, Callable]:
   return {k: jax.jit(f) for k, f in fns.items()}
 
 
-def fused_patch_map(conf, seg_prob, step_scores, n_ref, grid):
-  """The fusion of `_detect` (SeCLIP-only where no reference): the maps stage's input."""
-  p_a = seg_prob[..., 1]
-  w = conf.fusion_weight
-  fused = jnp.where((n_ref > 0)[:, None], w * p_a + (1 - w) * step_scores.mean(0), p_a)
-  return fused.reshape(p_a.shape[0], *grid)
-
-
 def build_stages(params, cfg, conf, impl, images, valid, text,
                  stages: Sequence[str] = STAGES) -> List[Stage]:
   """The requested stages, compiled, with real inputs: each from running the stage before it."""
@@ -361,8 +342,8 @@ def build_stages(params, cfg, conf, impl, images, valid, text,
   steps = run("lnamd", feats.layer_tokens)
   filt = run("mutual_filtering", steps, se[2], valid)
   if "maps" in stages:
-    out["maps"] = compile_stage("maps", fns["maps"], (fused_patch_map(
-        conf, se[1], filt.step_scores, filt.n_ref[0], grid),))
+    patch_map = pipeline.fuse(conf, se[1], filt.step_scores, filt.n_ref[0]).reshape(-1, *grid)
+    out["maps"] = compile_stage("maps", fns["maps"], (patch_map,))
   if "end_to_end" in stages:
     out["end_to_end"] = compile_stage("end_to_end", fns["end_to_end"],
                                       (params, images, valid, text))
@@ -491,17 +472,6 @@ def compare_torch(rows: List[dict]):
 # Data parallel: independent batches sharded over a "data" axis.
 
 
-def dp_detect_fn(cfg, conf, impl, mesh: Mesh) -> Callable:
-  """jit(vmap(_detect)) over (n, B, ...) inputs, params and text replicated."""
-  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-  def f(params, text, images, valid):
-    one = lambda im, v: pipeline._detect(params, cfg, conf, im, v, text, impl)
-    return jax.vmap(one)(images, valid)
-
-  return jax.jit(f, in_shardings=(rep, rep, data, data), out_shardings=data)
-
-
 def dp_row(params, cfg, conf, n_dev: int, b: int, repeats: int, peak: Optional[float],
            seed: int = 0) -> dict:
   """End-to-end detect of n_dev independent batches of b images, one per device."""
@@ -513,12 +483,12 @@ def dp_row(params, cfg, conf, n_dev: int, b: int, repeats: int, peak: Optional[f
   images = jax.device_put(images.reshape(n_dev, b, *images.shape[1:]), data)
   valid = jax.device_put(jnp.ones((n_dev, b), bool), data)
   p_rep, t_rep = jax.device_put(params, rep), jax.device_put(text, rep)
-  fn = dp_detect_fn(cfg, conf, impl, mesh)
+  fn = sharding.round_fn(mesh, cfg, conf, impl)            # what the eval programs run
   t = time.perf_counter()
-  fn.lower(p_rep, t_rep, images, valid).compile()
+  fn.lower(p_rep, images, valid, t_rep).compile()
   compile_s = time.perf_counter() - t
   probe = MemoryProbe(devices)
-  timing = time_fn(fn, p_rep, t_rep, images, valid, repeats=repeats)
+  timing = time_fn(fn, p_rep, images, valid, t_rep, repeats=repeats)
   flops = n_dev * stage_flops(cfg, conf, conf.image_size, b)["end_to_end"]
   row = {"stage": "end_to_end_dp", "devices": n_dev, "dtype": conf.compute_dtype, "batch": b,
          "images_per_call": n_dev * b, "compile_s": compile_s, "flops_analytic": flops,

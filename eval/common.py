@@ -132,13 +132,16 @@ def load_model(FLAGS):
   return fj.init_params(cfg, seed=0), cfg, {"weights": f"random:{FLAGS.model}:seed0", "sha256": None}
 
 
-def versions() -> Dict[str, str]:
-  import flax
-  import jax
-  import jaxlib
+def versions() -> Dict[str, Optional[str]]:
+  """Installed versions of the packages that matter (None: not installed)."""
+  from importlib import metadata
   import fiseclip_jax
-  out = {"python": pyplatform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-         "flax": flax.__version__, "numpy": np.__version__, "fiseclip_jax": fiseclip_jax.__version__}
+  out = {"python": pyplatform.python_version(), "fiseclip_jax": fiseclip_jax.__version__}
+  for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
   return out
 
 

@@ -48,6 +48,14 @@ def resolve_attention(conf: FiSeConfig) -> str:
   return "xla"
 
 
+def fuse(conf: FiSeConfig, seg_prob: Array, step_scores: Array, n_ref: Array) -> Array:
+  """Patch map (B, N): w * P_a + (1 - w) * mean of the step scores; SeCLIP alone without reference."""
+  p_a = seg_prob[..., 1]
+  w = conf.fusion_weight
+  fused = w * p_a + (1.0 - w) * step_scores.mean(axis=0)
+  return jnp.where((n_ref > 0)[:, None], fused, p_a)
+
+
 def _detect(params, cfg: CLIPConfig, conf: FiSeConfig, images, valid, text, attention_impl):
   b, s_h, s_w, _ = images.shape
   grid = (s_h // cfg.patch_size, s_w // cfg.patch_size)
@@ -66,13 +74,8 @@ def _detect(params, cfg: CLIPConfig, conf: FiSeConfig, images, valid, text, atte
   steps = steps.astype(jnp.dtype(conf.compute_dtype))
   filt = ficlip.mutual_filtering(steps, mask0, valid, mu=conf.mu, rule=conf.vote,
                                  topk_frac=conf.topk_frac, agg=conf.ref_agg, pair_chunk=conf.pair_chunk)
-  # Fusion; images with no reference fall back to SeCLIP alone.
-  p_a = seg_prob[..., 1]
-  w = conf.fusion_weight
-  fused = w * p_a + (1.0 - w) * filt.step_scores.mean(axis=0)
   n_ref = filt.n_ref[0]
-  fused = jnp.where((n_ref > 0)[:, None], fused, p_a)
-  patch_map = fused.reshape(b, *grid)
+  patch_map = fuse(conf, seg_prob, filt.step_scores, n_ref).reshape(b, *grid)
   maps = pixel_maps(patch_map, (s_h, s_w), conf.sigma)                            # (B, S, S)
   peak = maps.reshape(b, -1).max(axis=1)
   score = {"mean": (cls_score + peak) / 2, "max": peak, "cls": cls_score}[conf.image_score]

@@ -34,7 +34,11 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=16)
-def _round_fn(mesh: Mesh, cfg: CLIPConfig, conf: FiSeConfig, attention_impl: str):
+def round_fn(mesh: Mesh, cfg: CLIPConfig, conf: FiSeConfig, attention_impl: str):
+  """jit(vmap(detect)) over (n, B, ...) batches sharded on "data"; params, text replicated.
+
+  Called as fn(params, images, valid, text).
+  """
   data = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   per_batch = lambda params, images, valid, text: _detect(params, cfg, conf, images, valid, text, attention_impl)
@@ -51,7 +55,7 @@ def detect_round(mesh: Mesh, params, cfg: CLIPConfig, conf: FiSeConfig, images: 
   n = mesh.devices.size
   if images.shape[0] != n:
     raise ValueError(f"a round has {images.shape[0]} batches; expected one per device ({n})")
-  fn = _round_fn(mesh, cfg, conf, resolve_attention(conf))
+  fn = round_fn(mesh, cfg, conf, resolve_attention(conf))
   data = NamedSharding(mesh, P("data"))
   return fn(params, jax.device_put(images, data), jax.device_put(valid, data), text)
 

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fiseclip_jax as fj
-from fiseclip_jax import ficlip, maps as maps_lib, pipeline, seclip, sharding
+from fiseclip_jax import ficlip, maps as maps_lib, pipeline, references, seclip, sharding
 from fiseclip_jax.clip import model as clip_model
 from eval.common import versions
 
@@ -311,7 +311,8 @@ def stage_fns(cfg, conf, impl: str) -> Dict[str, Callable]:
     return steps.astype(jnp.dtype(dtype))
 
   def mutual_filtering(steps, mask0, valid):
-    return ficlip.mutual_filtering(steps, mask0, valid, mu=conf.mu, rule=conf.vote,
+    batch_refs, _ = references.candidates(conf.references, fj.make_roles(valid), None)
+    return ficlip.mutual_filtering(steps, mask0, batch_refs, mu=conf.mu, rule=conf.vote,
                                    topk_frac=conf.topk_frac, agg=conf.ref_agg,
                                    pair_chunk=conf.pair_chunk)
 
@@ -319,7 +320,7 @@ def stage_fns(cfg, conf, impl: str) -> Dict[str, Callable]:
     return maps_lib.pixel_maps(patch_map, (conf.image_size,) * 2, conf.sigma)
 
   def end_to_end(params, images, valid, text):
-    return pipeline._detect(params, cfg, conf, images, valid, text, impl)
+    return pipeline._detect(params, cfg, conf, images, fj.make_roles(valid), text, None, impl)
 
   fns = dict(encoder=encoder, seclip=seclip_stage, lnamd=lnamd, mutual_filtering=mutual_filtering,
              maps=maps, end_to_end=end_to_end)
@@ -342,7 +343,7 @@ def build_stages(params, cfg, conf, impl, images, valid, text,
   steps = run("lnamd", feats.layer_tokens)
   filt = run("mutual_filtering", steps, se[2], valid)
   if "maps" in stages:
-    patch_map = pipeline.fuse(conf, se[1], filt.step_scores, filt.n_ref[0]).reshape(-1, *grid)
+    patch_map = pipeline.fuse(conf, se[1], filt.step_scores, filt.n_ref).reshape(-1, *grid)
     out["maps"] = compile_stage("maps", fns["maps"], (patch_map,))
   if "end_to_end" in stages:
     out["end_to_end"] = compile_stage("end_to_end", fns["end_to_end"],
@@ -481,14 +482,15 @@ def dp_row(params, cfg, conf, n_dev: int, b: int, repeats: int, peak: Optional[f
   impl = pipeline.resolve_attention(conf)
   images, _, text = random_inputs(cfg, n_dev * b, conf.image_size, seed)
   images = jax.device_put(images.reshape(n_dev, b, *images.shape[1:]), data)
-  valid = jax.device_put(jnp.ones((n_dev, b), bool), data)
+  ones = np.ones((n_dev, b), bool)
+  valid = fj.Roles(*(jax.device_put(x, data) for x in (ones, ones, np.zeros((n_dev, b), np.int32))))
   p_rep, t_rep = jax.device_put(params, rep), jax.device_put(text, rep)
   fn = sharding.round_fn(mesh, cfg, conf, impl)            # what the eval programs run
   t = time.perf_counter()
-  fn.lower(p_rep, images, valid, t_rep).compile()
+  fn.lower(p_rep, images, valid, t_rep, None).compile()
   compile_s = time.perf_counter() - t
   probe = MemoryProbe(devices)
-  timing = time_fn(fn, p_rep, images, valid, t_rep, repeats=repeats)
+  timing = time_fn(fn, p_rep, images, valid, t_rep, None, repeats=repeats)
   flops = n_dev * stage_flops(cfg, conf, conf.image_size, b)["end_to_end"]
   row = {"stage": "end_to_end_dp", "devices": n_dev, "dtype": conf.compute_dtype, "batch": b,
          "images_per_call": n_dev * b, "compile_s": compile_s, "flops_analytic": flops,

@@ -65,6 +65,7 @@ class CLIPConfig:
 
 
 VOTES = ("majority", "and", "or", "text", "off")
+REFERENCE_MODES = ("batch", "bank", "both", "rolling")
 REF_AGGS = ("interval", "min")
 IMAGE_SCORES = ("mean", "max", "cls")
 PROXY_HEADS = ("mean", "per_head")
@@ -93,6 +94,7 @@ class FiSeConfig:
   proxy_attention: str = "layer"
   lam: float = 1.1
   # FiCLIP-AD and mutual filtering.
+  references: str = "batch"              # who is compared with whom (DESIGN.md §5)
   mu: float = 0.57
   vote: str = "majority"
   filter_loop: str = "r"
@@ -112,6 +114,7 @@ class FiSeConfig:
       if value not in allowed:
         raise ValueError(f"FiSeConfig.{name}={value!r}; expected one of {allowed}")
     check("vote", self.vote, VOTES)
+    check("references", self.references, REFERENCE_MODES)
     check("ref_agg", self.ref_agg, REF_AGGS)
     check("image_score", self.image_score, IMAGE_SCORES)
     check("proxy_heads", self.proxy_heads, PROXY_HEADS)

@@ -1,13 +1,16 @@
 """FiCLIP-AD (paper section 3.3): LNAMD aggregation, masked mutual scoring, mutual filtering.
 
-Distances between unit vectors come from one matmul: d^2 = 2 - 2 F_u . F_v. Each unordered pair
-(u, v) is computed once and reduced both ways (rows: u against v's kept patches; columns: v
-against u's kept patches). Pairs are `vmap`ed in chunks under `lax.map`, so memory stays bounded
-for large batches.
+Distances come from one matmul per pair: d^2 = |F_u|^2 + |F_v|^2 - 2 F_u . F_v (DESIGN.md §4).
+Each unordered pair (u, v) of a batch is computed once and reduced both ways (rows: u against v's
+kept patches; columns: v against u's kept patches); external references (a bank, a ring buffer)
+are reduced one way. Pairs are `vmap`ed in chunks under `lax.map`, so memory stays bounded for
+large batches. Who is a reference of whom is data (DESIGN.md §5).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+import fractions
+
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +40,31 @@ def lnamd(tokens: Array, r: int) -> Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Array:
-  """All-pairs masked nearest-patch distances.
+def sq_norms(x: Array) -> Array:
+  """Squared L2 norms in float32 of the vectors as they enter the matmul (bf16-rounded ones in bf16)."""
+  x = x.astype(jnp.float32)
+  return jnp.sum(x * x, axis=-1)
 
-  feats (G, B, N, C) unit vectors (G feature maps scored together), exclude (B, N) bool.
+
+def _sq_dists(fu: Array, fv: Array, nu: Array, nv: Array) -> Array:
+  """(G, N, C), (G, M, C) with their squared norms (G, N), (G, M) -> (G, N, M) squared distances.
+
+  |a|^2 + |b|^2 - 2 a.b (DESIGN.md §4): exact for the vectors the matmul sees, where 2 - 2 a.b
+  would assume exact unit vectors and err by up to 0.06 between identical bf16 vectors.
+  """
+  sim = jnp.einsum("gnc,gmc->gnm", fu, fv, preferred_element_type=jnp.float32)
+  return nu[:, :, None] + nv[:, None, :] - 2.0 * sim
+
+
+def _divisor_chunk(n: int, most: int) -> int:
+  """The largest chunk <= most that divides n: whole chunks, no padded work."""
+  return max(c for c in range(1, min(most, n) + 1) if n % c == 0)
+
+
+def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Array:
+  """All-pairs masked nearest-patch distances within a batch.
+
+  feats (G, B, N, C) (G feature maps scored together), exclude (B, N) bool.
   Returns d (G, B, B, N): d[g, u, v, p] = min over q with not exclude[v, q] of
   ||F_u(p) - F_v(q)||; inf on the diagonal and where v keeps no patch.
   """
@@ -48,16 +72,14 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
   d = jnp.full((g, b, b, n), jnp.inf, jnp.float32)
   if b < 2:
     return d
+  norms = sq_norms(feats)                                                   # (G, B, N)
   iu, iv = np.triu_indices(b, 1)                           # each unordered pair once
   p = len(iu)
-  chunk = max(c for c in range(1, min(pair_chunk, p) + 1) if p % c == 0)   # divides p: no padding
-  n_chunks = p // chunk
-  pu, pv = iu.reshape(n_chunks, chunk), iv.reshape(n_chunks, chunk)
+  chunk = _divisor_chunk(p, pair_chunk)
+  pu, pv = iu.reshape(p // chunk, chunk), iv.reshape(p // chunk, chunk)
 
   def one_pair(u, v):
-    fu, fv = feats[:, u], feats[:, v]                                       # (G, N, C)
-    sim = jnp.einsum("gnc,gmc->gnm", fu, fv, preferred_element_type=jnp.float32)
-    d2 = 2.0 - 2.0 * sim                                                    # (G, N, N)
+    d2 = _sq_dists(feats[:, u], feats[:, v], norms[:, u], norms[:, v])      # (G, N, N)
     rows = jnp.min(jnp.where(exclude[v][None, None, :], jnp.inf, d2), axis=2)   # u vs v's kept
     cols = jnp.min(jnp.where(exclude[u][None, :, None], jnp.inf, d2), axis=1)   # v vs u's kept
     return jnp.sqrt(jnp.maximum(rows, 0.0)), jnp.sqrt(jnp.maximum(cols, 0.0))
@@ -69,27 +91,68 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
   return d.at[:, iv, iu].set(cols)
 
 
+def external_min_distances(feats: Array, ext_feats: Array, ext_exclude: Array,
+                           pair_chunk: int = 8) -> Array:
+  """Masked nearest-patch distances from batch slots to external references (a bank, a ring).
+
+  feats (G, B, N, C), ext_feats (G, K, M, C), ext_exclude (K, M) bool -> d (G, B, K, N):
+  d[g, u, k, p] = min over q with not ext_exclude[k, q] of ||F_u(p) - E_k(q)||; inf where k keeps
+  nothing. One direction only: external entries are never scored.
+  """
+  g, b, n, _ = feats.shape
+  k = ext_feats.shape[1]
+  norms, ext_norms = sq_norms(feats), sq_norms(ext_feats)                   # (G, B, N), (G, K, M)
+  p = b * k
+  chunk = _divisor_chunk(p, pair_chunk)
+  pu = np.repeat(np.arange(b), k).reshape(p // chunk, chunk)
+  pk = np.tile(np.arange(k), b).reshape(p // chunk, chunk)
+
+  def one_pair(u, e):
+    d2 = _sq_dists(feats[:, u], ext_feats[:, e], norms[:, u], ext_norms[:, e])   # (G, N, M)
+    rows = jnp.min(jnp.where(ext_exclude[e][None, None, :], jnp.inf, d2), axis=2)
+    return jnp.sqrt(jnp.maximum(rows, 0.0))
+
+  rows = jax.lax.map(lambda ue: jax.vmap(one_pair)(*ue), (jnp.asarray(pu), jnp.asarray(pk)))
+  return rows.reshape(b, k, g, n).transpose(2, 0, 1, 3)                     # (G, B, K, N)
+
+
 def references(exclude: Array, valid: Array) -> Array:
-  """(B, B) bool: v is a reference of u (v != u, v valid, v keeps at least one patch)."""
+  """(B, B) bool: v is a reference of u in the paper's batch mode (v != u, v valid, v keeps a patch)."""
   b = valid.shape[0]
   usable = valid & ~jnp.all(exclude, axis=-1)
   return usable[None, :] & ~jnp.eye(b, dtype=bool)
 
 
-def aggregate(d: Array, refs: Array, topk_frac: float, agg: str) -> Tuple[Array, Array]:
-  """Per-layer scores over references: d (G, B, B, N), refs (B, B) -> ((G, B, N), n_ref (B,)).
+def topk_ratio(topk_frac: float) -> Tuple[int, int]:
+  """topk_frac as the decimal fraction it is written as: 0.3 -> (3, 10) (DESIGN.md §4).
 
-  "interval" (MuSc): mean of the k smallest d_uv(p) over references, k = max(1, floor(frac * n_ref));
-  "min": the smallest. Images with no reference score 0.
+  At most 4 decimals are kept exact (denominator <= 10^4), so num * n_ref fits in int32 for any
+  n_ref below 200 000.
   """
-  n_ref = refs.sum(axis=1)                                                   # (B,)
+  r = fractions.Fraction(str(float(topk_frac))).limit_denominator(10_000)
+  return r.numerator, r.denominator
+
+
+def topk_count(n_ref: Array, topk_frac: float) -> Array:
+  """k = max(1, floor(topk_frac * n_ref)), in integers."""
+  num, den = topk_ratio(topk_frac)
+  return jnp.maximum(1, (n_ref.astype(jnp.int32) * num) // den)
+
+
+def aggregate(d: Array, refs: Array, topk_frac: float, agg: str) -> Tuple[Array, Array]:
+  """Per-map scores over references: d (G, B, R, N), refs (B, R) -> ((G, B, N), n_ref (B,)).
+
+  "interval" (MuSc): mean of the k smallest d_uv(p) over references, k = topk_count(n_ref);
+  "min": the smallest. Images with no reference score 0 (callers check n_ref).
+  """
+  n_ref = refs.sum(axis=1).astype(jnp.int32)                                # (B,)
   d = jnp.where(refs[None, :, :, None], d, jnp.inf)
   if agg == "min":
     s = d.min(axis=2)
   else:
-    k = jnp.maximum(1, jnp.floor(topk_frac * n_ref.astype(jnp.float32) + 1e-6).astype(jnp.int32))
+    k = topk_count(n_ref, topk_frac)
     ds = jnp.sort(d, axis=2)                                                 # refs ascending
-    first_k = jnp.arange(d.shape[2])[None, :, None] < k[:, None, None]      # (B, B, 1)
+    first_k = jnp.arange(d.shape[2])[None, :, None] < k[:, None, None]      # (B, R, 1)
     s = jnp.where(first_k[None], ds, 0.0).sum(axis=2) / k[None, :, None]
   return jnp.where(n_ref[None, :, None] > 0, s, 0.0), n_ref
 
@@ -107,15 +170,23 @@ def mutual_scores(feats: Array, exclude: Array, valid: Array, topk_frac: float =
   return scores[0]
 
 
+class External(NamedTuple):
+  """References from outside the batch (DESIGN.md §5): a known-good bank or a stream's ring buffer."""
+  feats: Array         # (S, G, K, N, C) feature maps arranged as filtering steps
+  masks: Array         # (S, K, N) bool: the exclusion mask of each entry at each step
+  valid: Array         # (K,) bool
+  position: Array      # (K,) int32 stream position (rolling mode; ignored otherwise)
+
+
 class FilterResult(NamedTuple):
-  step_scores: Array   # (n_steps, B, N) mean masked score of each step's feature maps
+  step_scores: Array   # (n_steps, B, N) mean masked score of each step's feature maps (0 without reference)
   masks: Array         # (n_steps, B, N) exclusion mask used by each step
   final_mask: Array    # (B, N) mask after the last vote
   n_ref: Array         # (n_steps, B) references per image at each step
 
 
 def vote(votes: Array, voters: Array, mask0: Array, rule: str) -> Array:
-  """The refined exclusion mask from vote counts (B, N) and the number of voters."""
+  """The refined exclusion mask from vote counts (B, N) and each image's voter count (B, 1)."""
   if rule == "majority":
     return votes * 2 > voters            # strict: ties count as normal
   if rule == "and":
@@ -127,28 +198,51 @@ def vote(votes: Array, voters: Array, mask0: Array, rule: str) -> Array:
   return jnp.zeros_like(mask0)           # "off"
 
 
-def mutual_filtering(steps: Array, mask0: Array, valid: Array, *, mu: float, rule: str,
-                     topk_frac: float, agg: str, pair_chunk: int = 8) -> FilterResult:
-  """Algorithm 1 as a `lax.scan` over filtering steps.
+def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float, rule: str,
+                     topk_frac: float, agg: str, pair_chunk: int = 8,
+                     external: Optional[External] = None, ext_refs: Optional[Array] = None,
+                     batch_pairs: bool = True) -> FilterResult:
+  """Algorithm 1 as a `lax.scan` over filtering steps (DESIGN.md §5, §6).
 
-  steps (S, G, B, N, C): the feature maps of each step (G maps averaged per step). The mask used
-  by a step is the one before its vote; the step's mean score, thresholded at mu, is one more
-  vote. An image without references scores 0 and casts no vote.
+  steps (S, G, B, N, C): the feature maps of each step (G maps averaged per step); mask0 (B, N);
+  batch_refs (B, B) bool: v is a candidate reference of u; external (optional) with ext_refs
+  (B, K) bool: entry k is a candidate of u. A candidate is a reference at a step when it keeps a
+  patch under its mask of that step. The mask a step uses is the one before its own vote; an image
+  with references adds one vote (`a > mu`) and one voter, an image without adds neither.
+  batch_pairs=False skips the batch's pair distances (no batch candidates: bank-only scoring).
   """
   m_start = jnp.zeros_like(mask0) if rule == "off" else mask0
+  b = mask0.shape[0]
+  if external is None:
+    xs = (steps,)
+  else:
+    xs = (steps, external.feats, external.masks)
 
-  def step(carry, group):
+  def step(carry, x):
     mask, votes, voters = carry
-    refs = references(mask, valid)
-    s, n_ref = aggregate(pair_min_distances(group, mask, pair_chunk), refs, topk_frac, agg)
-    a = s.mean(axis=0)                                                       # (B, N)
-    inter = (a > mu) & (n_ref > 0)[:, None]
-    votes, voters = votes + inter.astype(jnp.int32), voters + 1
-    new_mask = vote(votes, voters, mask0, rule)
+    group = x[0]
+    ds, cands = [], []
+    if batch_pairs:
+      ds.append(pair_min_distances(group, mask, pair_chunk))                # (G, B, B, N)
+      cands.append(batch_refs & ~jnp.all(mask, axis=-1)[None, :])
+    if external is not None:
+      ext_feats, ext_mask = x[1], x[2]
+      ds.append(external_min_distances(group, ext_feats, ext_mask, pair_chunk))   # (G, B, K, N)
+      cands.append(ext_refs & ~jnp.all(ext_mask, axis=-1)[None, :])
+    if ds:
+      s, n_ref = aggregate(jnp.concatenate(ds, axis=2), jnp.concatenate(cands, axis=1),
+                           topk_frac, agg)
+      a = s.mean(axis=0)                                                     # (B, N)
+    else:
+      a, n_ref = jnp.zeros(mask.shape, jnp.float32), jnp.zeros((b,), jnp.int32)
+    has_ref = n_ref > 0
+    votes = votes + ((a > mu) & has_ref[:, None]).astype(jnp.int32)
+    voters = voters + has_ref.astype(jnp.int32)
+    new_mask = vote(votes, voters[:, None], mask0, rule)
     return (new_mask, votes, voters), (a, mask, n_ref)
 
-  init = (m_start, mask0.astype(jnp.int32), jnp.int32(1))
-  (final, _, _), (scores, masks, n_ref) = jax.lax.scan(step, init, steps)
+  init = (m_start, mask0.astype(jnp.int32), jnp.ones((b,), jnp.int32))
+  (final, _, _), (scores, masks, n_ref) = jax.lax.scan(step, init, xs)
   return FilterResult(scores, masks, final, n_ref)
 
 

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fiseclip_jax.config import CLIPConfig, FiSeConfig
 from fiseclip_jax.pipeline import DetectResult, _detect, resolve_attention
+from fiseclip_jax.references import Roles
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -34,40 +35,55 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=16)
-def round_fn(mesh: Mesh, cfg: CLIPConfig, conf: FiSeConfig, attention_impl: str):
-  """jit(vmap(detect)) over (n, B, ...) batches sharded on "data"; params, text replicated.
+def round_fn(mesh: Mesh, cfg: CLIPConfig, conf: FiSeConfig, attention_impl: str,
+             with_bank: bool = False):
+  """jit(vmap(detect)) over (n, B, ...) batches sharded on "data"; params, text, bank replicated.
 
-  Called as fn(params, images, valid, text).
+  Called as fn(params, images, roles, text, bank) (bank None unless with_bank).
   """
   data = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
-  per_batch = lambda params, images, valid, text: _detect(params, cfg, conf, images, valid, text, attention_impl)
-  fn = jax.vmap(per_batch, in_axes=(None, 0, 0, None))
-  return jax.jit(fn, in_shardings=(replicated, data, data, replicated), out_shardings=data)
+  per_batch = lambda params, images, roles, text, bank: _detect(params, cfg, conf, images, roles, text,
+                                                                bank, attention_impl)
+  fn = jax.vmap(per_batch, in_axes=(None, 0, 0, None, None))
+  bank_sharding = replicated if with_bank else None
+  return jax.jit(fn, in_shardings=(replicated, data, data, replicated, bank_sharding),
+                 out_shardings=data)
 
 
 def detect_round(mesh: Mesh, params, cfg: CLIPConfig, conf: FiSeConfig, images: np.ndarray,
-                 valid: np.ndarray, text) -> DetectResult:
-  """Score n_devices batches at once: images (n, B, S, S, 3), valid (n, B) -> outputs (n, B, ...).
+                 roles, text, bank=None) -> DetectResult:
+  """Score n_devices batches at once: images (n, B, S, S, 3), roles (n, B) -> outputs (n, B, ...).
 
-  n must equal the mesh size; pad a short last round with all-invalid batches (`pad_round`).
+  roles: a `Roles` of (n, B) arrays, or one (n, B) bool `valid` (query = reference = valid).
+  n must equal the mesh size; pad a short last round with empty batches (`pad_round`).
   """
   n = mesh.devices.size
   if images.shape[0] != n:
     raise ValueError(f"a round has {images.shape[0]} batches; expected one per device ({n})")
-  fn = round_fn(mesh, cfg, conf, resolve_attention(conf))
+  if not isinstance(roles, Roles):
+    valid = np.asarray(roles, bool)
+    roles = Roles(valid, valid, np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape))
+  fn = round_fn(mesh, cfg, conf, resolve_attention(conf), bank is not None)
   data = NamedSharding(mesh, P("data"))
-  return fn(params, jax.device_put(images, data), jax.device_put(valid, data), text)
+  roles = Roles(*(jax.device_put(np.asarray(x), data) for x in roles))
+  return fn(params, jax.device_put(images, data), roles, text, bank)
 
 
-def pad_round(images: np.ndarray, valid: np.ndarray, n: int):
-  """Pad a round of k < n batches with empty batches (all slots invalid)."""
+def pad_round(images: np.ndarray, roles, n: int):
+  """Pad a round of k < n batches with empty batches (no slot has a role).
+
+  roles: (k, B) bool `valid` or a `Roles` of (k, B) arrays; returned in the same form.
+  """
   k = images.shape[0]
   if k == n:
-    return images, valid
-  images = np.concatenate([images, np.zeros((n - k,) + images.shape[1:], images.dtype)])
-  valid = np.concatenate([valid, np.zeros((n - k,) + valid.shape[1:], bool)])
-  return images, valid
+    return images, roles
+  pad = lambda x, fill: np.concatenate([x, np.full((n - k,) + x.shape[1:], fill, x.dtype)])
+  images = pad(images, 0)
+  if isinstance(roles, Roles):
+    return images, Roles(pad(np.asarray(roles.query), False), pad(np.asarray(roles.reference), False),
+                         pad(np.asarray(roles.position), 0))
+  return images, pad(np.asarray(roles, bool), False)
 
 
 def replicate(tree, mesh: Mesh):

@@ -1,17 +1,31 @@
 """Independent NumPy (float64) reference of FiSeCLIP after the CLIP tower.
 
-Written from DESIGN.md sections 3-5 and the paper's Algorithm 1, for parity tests of the JAX code.
-Clarity over speed: plain loops over images, pairs and patches. Nothing here imports the JAX
-implementation; `conf` is only read through its attributes (a `fiseclip_jax.config.FiSeConfig`).
+Written from DESIGN.md sections 3-7 (the written rules) and the paper's Algorithm 1, for parity
+tests of the JAX code. Clarity over speed: plain loops over images, pairs, steps and patches.
+Nothing here imports the JAX implementation; `conf` is only read through its attributes (a
+`fiseclip_jax.config.FiSeConfig`: feature_layers, r_list, lam, mu, vote, filter_loop, ref_agg,
+topk_frac, fusion_weight, image_score, sigma).
+
+Entry points:
+  detect_from_tower(...)  one batch: roles (query / reference flags), reference modes "batch",
+                          "bank", "both", "rolling", external entries (a bank or a ring buffer).
+  rolling_stream(...)     a whole stream scored ONE image at a time, each image against the
+                          `window` images before it with the masks they had when they were scored.
+  mutual_scores(...)      plain masked mutual scoring of one feature map over a batch ("batch" mode).
+  topk_count(frac, n)     the integer k of "interval" aggregation.
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 from scipy import ndimage
 
 LN_EPS = 1e-5
+MODES = ("batch", "bank", "both", "rolling")
+NO_CANDIDATES = "no_candidates"
+ALL_MASKED = "all_masked"
 
 
 def _grid(n, grid=None):
@@ -77,13 +91,40 @@ def _min_dist(query, refs, max_elems=1 << 22):
   return out
 
 
+def topk_count(topk_frac, n_ref):
+  """k of "interval" aggregation (DESIGN.md §4), in integers.
+
+  topk_frac is read as the decimal fraction it is written as (0.3 = 3/10, 0.7 = 7/10):
+  k = max(1, (num * n_ref) // den). topk_count(0.7, 90) = 63 (floor(0.7 * 90) would give 62).
+  """
+  frac = Fraction(str(float(topk_frac)))  # str() of a float is its shortest decimal form
+  return max(1, (frac.numerator * int(n_ref)) // frac.denominator)
+
+
+def _aggregate(d, topk_frac, agg):
+  """Aggregate d (n_ref, N), the per-reference distances d_uv(p), over the references: (N,)."""
+  if agg == "interval":
+    k = topk_count(topk_frac, d.shape[0])
+    return np.sort(d, axis=0)[:k].mean(axis=0)
+  if agg == "min":
+    return d.min(axis=0)
+  raise ValueError(f"agg={agg!r}")
+
+
+def _score_against(f_u, refs, topk_frac, agg):
+  """Score of query patches f_u (N, C) against refs, a non-empty list of (feats (N, C), exclude (N,))
+  whose exclude keeps at least one patch. d_uv(p) = min over kept q of ||F_u(p) - F_v(q)||_2."""
+  d = np.stack([_min_dist(f_u, f_v[~ex_v]) for f_v, ex_v in refs])  # (n_ref, N)
+  return _aggregate(d, topk_frac, agg)
+
+
 def mutual_scores(feats, exclude, valid, topk_frac=0.3, agg="interval"):
-  """Masked mutual scoring of a batch.
+  """Masked mutual scoring of a batch ("batch" mode, one feature map).
 
   feats (B, N, C) unit vectors, exclude (B, N) bool (reference patches left out), valid (B,) bool.
   v is a reference of u iff v != u, valid[v] and not exclude[v].all(). d_uv(p) = min over kept q
   of ||F_u(p) - F_v(q)||_2. "interval": mean of the k smallest d_uv(p) over references,
-  k = max(1, floor(topk_frac * n_ref)); "min": min over references.
+  k = topk_count(topk_frac, n_ref); "min": min over references.
   Returns (scores (B, N), n_ref (B,)); scores are 0 where n_ref == 0.
   """
   f = np.asarray(feats, np.float64)  # (B, N, C)
@@ -96,16 +137,8 @@ def mutual_scores(feats, exclude, valid, topk_frac=0.3, agg="interval"):
   for u in range(b):
     refs = [v for v in range(b) if v != u and is_ref[v]]
     n_ref[u] = len(refs)
-    if not refs:
-      continue
-    d = np.stack([_min_dist(f[u], f[v][~exclude[v]]) for v in refs])  # (n_ref, N)
-    if agg == "interval":
-      k = max(1, math.floor(topk_frac * len(refs)))
-      scores[u] = np.sort(d, axis=0)[:k].mean(axis=0)
-    elif agg == "min":
-      scores[u] = d.min(axis=0)
-    else:
-      raise ValueError(f"agg={agg!r}")
+    if refs:
+      scores[u] = _score_against(f[u], [(f[v], exclude[v]) for v in refs], topk_frac, agg)
   return scores, n_ref
 
 
@@ -124,7 +157,7 @@ def bilinear_matrix(n_in, n_out):
 
 
 def _steps(conf):
-  """The groups of (layer index, r) of each filtering step, in order."""
+  """The groups of (layer index, r) of each filtering step, in order (DESIGN.md §6)."""
   layers = range(len(conf.feature_layers))
   if conf.filter_loop == "r":
     return [[(i, r) for i in layers] for r in conf.r_list]
@@ -135,12 +168,17 @@ def _steps(conf):
   raise ValueError(f"filter_loop={conf.filter_loop!r}")
 
 
-def _vote(conf, mask0, votes, n_voters):
-  """The exclusion mask after a step."""
+def n_steps(conf):
+  """Number of filtering steps of conf."""
+  return len(_steps(conf))
+
+
+def _vote(conf, mask0, votes, voters):
+  """The exclusion mask of ONE image after a step: mask0, votes (N,) bool/int, voters an int."""
   if conf.vote == "majority":
-    return votes > n_voters / 2
+    return votes * 2 > voters  # ties count as normal
   if conf.vote == "and":
-    return votes == n_voters
+    return votes == voters
   if conf.vote == "or":
     return votes > 0
   if conf.vote == "text":
@@ -151,17 +189,43 @@ def _vote(conf, mask0, votes, n_voters):
 
 
 def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, conf,
-                      logit_scale, image_size, grid=None):
+                      logit_scale, image_size, grid=None, *, query=None, reference=None,
+                      mode="batch", bank_tokens=None, bank_valid=None, bank_masks=None,
+                      positions=None, bank_positions=None, window=None):
   """FiSeCLIP after the CLIP tower (SeCLIP-AD, FiCLIP-AD with mutual filtering, fusion, maps).
 
-  cls_embed (B, D); layer_tokens (n_layers, B, 1+h*w, C) in conf.feature_layers order;
-  proxy_patch_embed (B, h*w, D); text (2, D) rows normal, abnormal; valid (B,) bool.
-  Returns a dict: cls_score (B,), seg_prob (B, N, 2), mask0 (B, N), step_scores (n_steps, B, N),
-  masks (n_steps, B, N) (the mask each step used), final_mask (B, N), n_ref (B,) (first step),
-  patch_map (B, h, w), anomaly_maps (B, S, S), image_scores (B,). Outputs of invalid (padded)
-  slots are computed but meaningless: ignore them.
+  Batch (B slots, N = h*w patches):
+    cls_embed (B, D); layer_tokens (n_layers, B, 1+N, C) in conf.feature_layers order, CLS first;
+    proxy_patch_embed (B, N, D); text (2, D) rows normal, abnormal; logit_scale float;
+    image_size S (int); grid (h, w) or None (square).
+  Roles (DESIGN.md §5):
+    valid (B,) bool or None: the default of both flags. query (B,) bool, reference (B,) bool: when
+    given they replace valid for that flag. A slot with neither flag is padding: it has no
+    candidate and takes no part (its outputs are meaningless: ignore them).
+  Reference mode: mode in "batch" | "bank" | "both" | "rolling".
+    batch:   candidates of u = slots v != u with reference[v].
+    bank:    every external entry e with bank_valid[e]; no batch slot.
+    both:    the union.
+    rolling: slots v != u with reference[v] and pos(u) - window <= positions[v] < pos(u), and
+             external entries e with bank_valid[e] and pos(u) - window <= bank_positions[e] < pos(u).
+  External entries (K of them; K = 0 when bank_tokens is None):
+    bank_tokens (n_layers, K, 1+N, C) raw tower tokens (their LNAMD maps are computed here);
+    bank_valid (K,) bool (default all True); bank_masks (n_steps, K, N) bool, the exclusion mask of
+    each entry at each step (default all False: a known-good bank); bank_positions (K,) int and
+    positions (B,) int (default arange(B)), window int: used by "rolling" only.
+
+  Returns a dict (float64 unless said):
+    cls_score (B,), seg_prob (B, N, 2) [P_n, P_a], mask0 (B, N) bool,
+    step_scores (n_steps, B, N): a_s, 0 where the slot had no reference at step s,
+    masks (n_steps, B, N) bool: the mask each step used (before its own vote),
+    final_mask (B, N) bool: the mask after the last step, votes (B, N) int64, voters (B,) int64,
+    n_candidates (B,) int64, step_n_ref (n_steps, B) int64, n_ref (B,) int64 (= step_n_ref[0]),
+    seclip_only (B,) bool (references at no step), reason (B,) str ('<U13'): "no_candidates",
+    "all_masked" or "",
+    patch_map (B, h, w), anomaly_maps (B, S, S), image_scores (B,).
   """
-  valid = np.asarray(valid, bool)  # (B,)
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
   t = _l2n(text)  # (2, D)
   fc = _l2n(cls_embed)  # (B, D)
   cls_score = _softmax(logit_scale * fc @ t.T)[:, 1]  # (B,)
@@ -172,43 +236,118 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
   b, n = mask0.shape
   h, w = _grid(n, grid)
 
+  # Roles.
+  if query is None or reference is None:
+    if valid is None:
+      raise ValueError("pass valid, or both query and reference")
+    valid = np.asarray(valid, bool)
+  query = (valid if query is None else np.asarray(query, bool)).reshape(b)  # (B,)
+  reference = (valid if reference is None else np.asarray(reference, bool)).reshape(b)  # (B,)
+  steps = _steps(conf)
+  n_st = len(steps)
+
   layer_tokens = np.asarray(layer_tokens, np.float64)
-  if layer_tokens.shape[0] != len(conf.feature_layers):
+  n_layers = len(conf.feature_layers)
+  if layer_tokens.shape[0] != n_layers:
     raise ValueError("layer_tokens must hold one entry per conf.feature_layers")
   feats = {(i, r): lnamd(layer_tokens[i], r, (h, w))
-           for i in range(len(conf.feature_layers)) for r in conf.r_list}  # each (B, N, C)
+           for i in range(n_layers) for r in conf.r_list}  # each (B, N, C)
 
-  # Mutual filtering (Algorithm 1 with this project's vote rules).
+  # External entries (bank or ring buffer).
+  if bank_tokens is None:
+    k_ext = 0
+    bank_feats = {}
+  else:
+    bank_tokens = np.asarray(bank_tokens, np.float64)
+    if bank_tokens.shape[0] != n_layers or bank_tokens.shape[2] != n + 1:
+      raise ValueError(f"bank_tokens {bank_tokens.shape}: expected (n_layers, K, 1+N, C)")
+    k_ext = bank_tokens.shape[1]
+    bank_feats = ({(i, r): lnamd(bank_tokens[i], r, (h, w))
+                   for i in range(n_layers) for r in conf.r_list} if k_ext else {})  # (K, N, C)
+  bank_valid = (np.ones(k_ext, bool) if bank_valid is None
+                else np.asarray(bank_valid, bool).reshape(k_ext))  # (K,)
+  if bank_masks is None:
+    bank_masks = np.zeros((n_st, k_ext, n), bool)
+  bank_masks = np.asarray(bank_masks, bool)
+  if bank_masks.shape != (n_st, k_ext, n):
+    raise ValueError(f"bank_masks {bank_masks.shape}: expected (n_steps, K, N) = "
+                     f"{(n_st, k_ext, n)}")
+
+  # Candidates of each slot: ("b", v) a batch slot, ("e", e) an external entry.
+  if mode == "rolling":
+    if window is None:
+      raise ValueError('mode="rolling" needs window')
+    pos = np.arange(b) if positions is None else np.asarray(positions, np.int64).reshape(b)
+    if k_ext and bank_positions is None:
+      raise ValueError('mode="rolling" with external entries needs bank_positions')
+    bpos = (np.zeros(0, np.int64) if bank_positions is None
+            else np.asarray(bank_positions, np.int64).reshape(k_ext))
+  cands = []
+  for u in range(b):
+    c = []
+    if query[u] or reference[u]:  # padding takes no part
+      if mode in ("batch", "both"):
+        c += [("b", v) for v in range(b) if v != u and reference[v]]
+      if mode in ("bank", "both"):
+        c += [("e", e) for e in range(k_ext) if bank_valid[e]]
+      if mode == "rolling":
+        lo, hi = pos[u] - int(window), pos[u]
+        c += [("b", v) for v in range(b) if v != u and reference[v] and lo <= pos[v] < hi]
+        c += [("e", e) for e in range(k_ext) if bank_valid[e] and lo <= bpos[e] < hi]
+    cands.append(c)
+  n_candidates = np.array([len(c) for c in cands], np.int64)  # (B,)
+
+  # Mutual filtering (Algorithm 1 with this project's vote rules), per image votes and voters.
   mask = np.zeros_like(mask0) if conf.vote == "off" else mask0.copy()  # (B, N)
   votes = mask0.astype(np.int64)  # (B, N)
-  n_voters = 1
-  step_scores, masks, step_nref = [], [], []
-  for group in _steps(conf):
-    masks.append(mask.copy())
-    outs = [mutual_scores(feats[key], mask, valid, conf.topk_frac, conf.ref_agg) for key in group]
-    a = np.mean([s for s, _ in outs], axis=0)  # (B, N)
-    nr = outs[0][1]  # (B,), the same for the whole group (same mask)
-    a[nr == 0] = 0.0
-    step_scores.append(a)
-    step_nref.append(nr)
-    inter = (a > conf.mu) & (nr > 0)[:, None]  # (B, N)
-    votes += inter
-    n_voters += 1
-    mask = _vote(conf, mask0, votes, n_voters)
-  step_scores = np.stack(step_scores)  # (n_steps, B, N)
-  masks = np.stack(masks)  # (n_steps, B, N)
-  n_ref = step_nref[0]  # (B,)
+  voters = np.ones(b, np.int64)  # (B,)
+  step_scores = np.zeros((n_st, b, n))
+  masks = np.zeros((n_st, b, n), bool)
+  step_n_ref = np.zeros((n_st, b), np.int64)
+  for s, group in enumerate(steps):
+    masks[s] = mask  # the mask step s uses: before its own vote
 
-  # Fusion; SeCLIP alone where the image had no reference.
+    def exclusion(c):
+      kind, j = c
+      return masks[s, j] if kind == "b" else bank_masks[s, j]  # (N,)
+
+    def features(c, key):
+      kind, j = c
+      return feats[key][j] if kind == "b" else bank_feats[key][j]  # (N, C)
+
+    for u in range(b):
+      refs = [c for c in cands[u] if not exclusion(c).all()]  # keeps >= 1 patch at step s
+      step_n_ref[s, u] = len(refs)
+      if not refs:
+        continue  # no score at step s
+      step_scores[s, u] = np.mean(
+          [_score_against(feats[key][u], [(features(c, key), exclusion(c)) for c in refs],
+                          conf.topk_frac, conf.ref_agg) for key in group], axis=0)
+    new_mask = mask.copy()
+    for u in range(b):
+      if step_n_ref[s, u] > 0:  # a slot without references adds neither a vote nor a voter
+        votes[u] += step_scores[s, u] > conf.mu
+        voters[u] += 1
+      new_mask[u] = _vote(conf, mask0[u], votes[u], voters[u])
+    mask = new_mask
+
+  # Fusion over the steps where the image had references; SeCLIP alone where it had none.
   wt = conf.fusion_weight
-  fused = wt * p_a + (1.0 - wt) * step_scores.mean(axis=0)  # (B, N)
-  fused = np.where((n_ref == 0)[:, None], p_a, fused)
+  has_ref = step_n_ref > 0  # (n_steps, B)
+  seclip_only = ~has_ref.any(axis=0)  # (B,)
+  fused = p_a.copy()  # (B, N)
+  for u in range(b):
+    used = [s for s in range(n_st) if has_ref[s, u]]
+    if used:
+      fused[u] = wt * p_a[u] + (1.0 - wt) * np.mean([step_scores[s, u] for s in used], axis=0)
   patch_map = fused.reshape(b, h, w)  # (B, h, w)
+  reason = np.array([NO_CANDIDATES if n_candidates[u] == 0 else ALL_MASKED if seclip_only[u]
+                     else "" for u in range(b)], dtype="<U13")  # (B,)
 
   # Upsample (bilinear, half-pixel centres) and smooth.
-  s = int(image_size)
-  wy, wx = bilinear_matrix(h, s), bilinear_matrix(w, s)  # (S, h), (S, w)
-  maps = np.empty((b, s, s))
+  size = int(image_size)
+  wy, wx = bilinear_matrix(h, size), bilinear_matrix(w, size)  # (S, h), (S, w)
+  maps = np.empty((b, size, size))
   for i in range(b):
     up = wy @ patch_map[i] @ wx.T  # (S, S)
     maps[i] = ndimage.gaussian_filter(up, sigma=conf.sigma, truncate=4.0, mode="reflect")
@@ -224,5 +363,46 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
     raise ValueError(f"image_score={conf.image_score!r}")
 
   return dict(cls_score=cls_score, seg_prob=seg_prob, mask0=mask0, step_scores=step_scores,
-              masks=masks, final_mask=mask, n_ref=n_ref, patch_map=patch_map,
+              masks=masks, final_mask=mask, votes=votes, voters=voters,
+              n_candidates=n_candidates, step_n_ref=step_n_ref, n_ref=step_n_ref[0].copy(),
+              seclip_only=seclip_only, reason=reason, patch_map=patch_map,
               anomaly_maps=maps, image_scores=image_scores)
+
+
+STEP_AXIS_KEYS = ("step_scores", "masks", "step_n_ref")  # outputs whose image axis is axis 1
+
+
+def rolling_stream(cls_embed, layer_tokens, proxy_patch_embed, text, conf, logit_scale,
+                   image_size, window, grid=None):
+  """Line streaming, scored naively ONE image at a time in stream order (DESIGN.md §5, rolling).
+
+  cls_embed (T, D), layer_tokens (n_layers, T, 1+N, C), proxy_patch_embed (T, N, D) of a stream
+  of T images; text (2, D); window K >= 0. Image t is scored alone (a batch of one) with candidates
+  exactly images max(0, t-K) .. t-1, passed as valid external entries ("bank" mode) carrying the
+  per-step masks each of them used when it was itself scored (stored here), nothing else.
+  Returns the dict of detect_from_tower stacked over the stream: per-image keys (T, ...);
+  step_scores, masks (n_steps, T, N) and step_n_ref (n_steps, T).
+  """
+  cls_embed = np.asarray(cls_embed, np.float64)
+  layer_tokens = np.asarray(layer_tokens, np.float64)
+  proxy_patch_embed = np.asarray(proxy_patch_embed, np.float64)
+  n_t = cls_embed.shape[0]
+  if n_t < 1 or int(window) < 0:
+    raise ValueError(f"rolling_stream needs T >= 1 images and window >= 0 (T={n_t}, window={window})")
+  n = layer_tokens.shape[2] - 1
+  n_st = n_steps(conf)
+  stored = []  # stored[j]: (n_steps, N) masks image j used at each step when it was scored
+  outs = []
+  for t in range(n_t):
+    prev = list(range(max(0, t - int(window)), t))
+    ext_masks = (np.stack([stored[j] for j in prev], axis=1) if prev
+                 else np.zeros((n_st, 0, n), bool))  # (n_steps, len(prev), N)
+    out = detect_from_tower(cls_embed[t:t + 1], layer_tokens[:, t:t + 1],
+                            proxy_patch_embed[t:t + 1], text, np.ones(1, bool), conf,
+                            logit_scale, image_size, grid, mode="bank",
+                            bank_tokens=layer_tokens[:, prev], bank_valid=np.ones(len(prev), bool),
+                            bank_masks=ext_masks)
+    stored.append(out["masks"][:, 0].copy())
+    outs.append(out)
+  return {key: np.concatenate([o[key] for o in outs], axis=1 if key in STEP_AXIS_KEYS else 0)
+          for key in outs[0]}

@@ -180,7 +180,24 @@ def test_detect_traces_without_python_loops_over_images_pairs_or_layers(setup):
   params, _, text, _, conf = setup
   sizes = {}
   for b in (12, 24):
-    jaxpr = jax.make_jaxpr(lambda im, v: _detect(params, CFG, conf, im, v, text, "xla"))(
+    jaxpr = jax.make_jaxpr(lambda im, v: _detect(params, CFG, conf, im, fj.make_roles(v), text, None,
+                                                          "xla"))(
         jnp.zeros((b, 84, 84, 3)), jnp.ones((b,), bool))
     sizes[b] = len(_primitive_names(jaxpr.jaxpr))
   assert sizes[12] == sizes[24]
+
+
+def test_fusion_skips_steps_without_references(setup):
+  """B = 2, majority, mu = 0: every score is a vote, so after two steps each image excludes all of
+  its patches and the third step has no reference (per-step n_ref [1, 1, 0]). The fused map
+  averages the two steps that had references; it once added a 0 for the third."""
+  params, images, text, _, conf = setup
+  conf = conf.replace(vote="majority", mu=0.0)
+  out = fj.detect(params, CFG, conf, images[:2], np.ones(2, bool), text)
+  masks = np.asarray(out.masks)                                       # (3, 2, N)
+  assert not masks[0].all(axis=1).any() and not masks[1].all(axis=1).any()
+  assert masks[2].all()                                               # step 3: nothing kept
+  steps = np.asarray(out.step_scores)
+  w = conf.fusion_weight
+  want = w * np.asarray(out.seg_prob)[..., 1] + (1 - w) * steps[:2].mean(axis=0)
+  np.testing.assert_allclose(np.asarray(out.patch_map).reshape(2, -1), want, atol=1e-6)

@@ -88,28 +88,36 @@ def save_checkpoint(path: str, params: dict, cfg: CLIPConfig, source_sha256: str
 
 
 def read_metadata(path: str) -> dict:
-  from safetensors import safe_open
-  with safe_open(path, framework="numpy") as f:
-    return dict(f.metadata() or {})
+  from safetensors import SafetensorError, safe_open
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such checkpoint file (convert one with `python -m weights.convert`)")
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return dict(f.metadata() or {})
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from e
+
+
+def read_config(path: str) -> CLIPConfig:
+  """The architecture a converted checkpoint declares, from its header alone (no tensor read)."""
+  meta = read_metadata(path)
+  if meta.get("format") != FORMAT or "clip_config" not in meta:
+    raise CheckpointError(f"{path}: not a FiSeCLIP-JAX checkpoint (metadata format={meta.get('format')!r}, "
+                          f"expected {FORMAT!r}); convert the source with `python -m weights.convert`")
+  try:
+    return CLIPConfig.from_dict(json.loads(meta["clip_config"]))
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: bad clip_config metadata: {e}") from e
 
 
 def load_checkpoint(path: str) -> Tuple[dict, CLIPConfig]:
   """(params, cfg) from a file written by `python -m weights.convert`; refuses a wrong file."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{path}: no such checkpoint file (convert one with `python -m weights.convert`)")
+  cfg = read_config(path)
   try:
-    meta = read_metadata(path)
     flat = load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise CheckpointError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from e
-  if meta.get("format") != FORMAT or "clip_config" not in meta:
-    raise CheckpointError(f"{path}: not a FiSeCLIP-JAX checkpoint (metadata format={meta.get('format')!r}, "
-                          f"expected {FORMAT!r}); convert the source with `python -m weights.convert`")
-  try:
-    cfg = CLIPConfig.from_dict(json.loads(meta["clip_config"]))
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f"{path}: bad clip_config metadata: {e}") from e
   check_params(flat, cfg, path)
   return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()}), cfg

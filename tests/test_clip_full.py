@@ -13,7 +13,7 @@ import pytest
 import fiseclip_jax as fj
 from conftest import make_hf_clip
 from test_clip import hf_reference, max_err
-from weights import convert as conv
+from fiseclip_jax import convert as conv
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4

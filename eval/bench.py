@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import fiseclip_jax as fj
 from fiseclip_jax import ficlip, maps as maps_lib, pipeline, references, seclip, sharding
 from fiseclip_jax.clip import model as clip_model
-from eval.common import versions
+from fiseclip_jax.cli.runtime import versions
 
 STAGES = ("encoder", "seclip", "lnamd", "mutual_filtering", "maps", "end_to_end")
 MODELS = ("vit_l14_336", "vit_b16", "tiny")

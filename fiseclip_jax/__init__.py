@@ -1,12 +1,39 @@
-"""FiSeCLIP-JAX: zero-shot industrial anomaly detection (FiSeCLIP, ICCV 2025 workshops) in JAX."""
-from fiseclip_jax import metrics
-from fiseclip_jax.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fiseclip_jax.clip import encode_image, encode_text, init_params, logit_scale, tokenize
-from fiseclip_jax.config import CLIPConfig, FiSeConfig
-from fiseclip_jax.ficlip import lnamd, mutual_scores
-from fiseclip_jax.pipeline import (DetectResult, SeCLIPOnlyWarning, build_bank, detect, empty_stream,
-                                   score_stream)
-from fiseclip_jax.references import Roles, make_roles
-from fiseclip_jax.prompts import text_features
+"""FiSeCLIP-JAX: zero-shot industrial anomaly detection (FiSeCLIP, ICCV 2025 workshops) in JAX.
+
+Names are imported on first use, so `fiseclip_jax.config` or the data readers load without JAX and
+a program can check its flags and files before paying for the model.
+"""
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "encode_image": "clip", "encode_text": "clip", "init_params": "clip", "logit_scale": "clip",
+    "tokenize": "clip",
+    "CLIPConfig": "config", "FiSeConfig": "config", "ConfigError": "config",
+    "lnamd": "ficlip", "mutual_scores": "ficlip",
+    "DetectResult": "pipeline", "SeCLIPOnlyWarning": "pipeline", "build_bank": "pipeline",
+    "detect": "pipeline", "empty_stream": "pipeline", "score_stream": "pipeline",
+    "Roles": "references", "make_roles": "references",
+    "text_features": "prompts",
+}
+__all__ = sorted(_EXPORTS) + ["metrics"]
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"fiseclip_jax.{_EXPORTS[name]}"), name)
+  else:
+    try:
+      value = importlib.import_module(f"fiseclip_jax.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"fiseclip_jax.{name}":
+        raise
+      raise AttributeError(f"module 'fiseclip_jax' has no attribute {name!r}") from None
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiseclip_jax.rules import VOTE_RULES
+
 Array = jax.Array
 
 
@@ -185,19 +187,6 @@ class FilterResult(NamedTuple):
   n_ref: Array         # (n_steps, B) references per image at each step
 
 
-def vote(votes: Array, voters: Array, mask0: Array, rule: str) -> Array:
-  """The refined exclusion mask from vote counts (B, N) and each image's voter count (B, 1)."""
-  if rule == "majority":
-    return votes * 2 > voters            # strict: ties count as normal
-  if rule == "and":
-    return votes == voters
-  if rule == "or":
-    return votes > 0
-  if rule == "text":
-    return mask0
-  return jnp.zeros_like(mask0)           # "off"
-
-
 def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float, rule: str,
                      topk_frac: float, agg: str, pair_chunk: int = 8,
                      external: Optional[External] = None, ext_refs: Optional[Array] = None,
@@ -208,10 +197,11 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
   batch_refs (B, B) bool: v is a candidate reference of u; external (optional) with ext_refs
   (B, K) bool: entry k is a candidate of u. A candidate is a reference at a step when it keeps a
   patch under its mask of that step. The mask a step uses is the one before its own vote; an image
-  with references adds one vote (`a > mu`) and one voter, an image without adds neither.
+  with references adds one vote (`a > mu`) and one voter, an image without adds neither; `rule`
+  names an entry of `rules.VOTE_RULES`.
   batch_pairs=False skips the batch's pair distances (no batch candidates: bank-only scoring).
   """
-  m_start = jnp.zeros_like(mask0) if rule == "off" else mask0
+  vote = VOTE_RULES[rule]
   b = mask0.shape[0]
   if external is None:
     xs = (steps,)
@@ -238,10 +228,10 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
     has_ref = n_ref > 0
     votes = votes + ((a > mu) & has_ref[:, None]).astype(jnp.int32)
     voters = voters + has_ref.astype(jnp.int32)
-    new_mask = vote(votes, voters[:, None], mask0, rule)
+    new_mask = vote.refine(votes, voters[:, None], mask0)
     return (new_mask, votes, voters), (a, mask, n_ref)
 
-  init = (m_start, mask0.astype(jnp.int32), jnp.ones((b,), jnp.int32))
+  init = (vote.start(mask0), mask0.astype(jnp.int32), jnp.ones((b,), jnp.int32))
   (final, _, _), (scores, masks, n_ref) = jax.lax.scan(step, init, xs)
   return FilterResult(scores, masks, final, n_ref)
 

@@ -21,6 +21,7 @@ from fiseclip_jax.config import CLIPConfig, FiSeConfig
 from fiseclip_jax.ficlip import External
 from fiseclip_jax.maps import pixel_maps
 from fiseclip_jax.references import Roles
+from fiseclip_jax.rules import IMAGE_SCORE_RULES
 
 Array = jax.Array
 
@@ -102,7 +103,7 @@ def _score(params, cfg: CLIPConfig, conf: FiSeConfig, images, roles: Roles, text
   patch_map = fuse(conf, seg_prob, filt.step_scores, filt.n_ref).reshape(b, *grid)
   maps = pixel_maps(patch_map, (s_h, s_w), conf.sigma)                            # (B, S, S)
   peak = maps.reshape(b, -1).max(axis=1)
-  score = {"mean": (cls_score + peak) / 2, "max": peak, "cls": cls_score}[conf.image_score]
+  score = IMAGE_SCORE_RULES[conf.image_score](cls_score, peak)
   res = DetectResult(score, maps, cls_score, seg_prob, mask0, filt.step_scores, filt.masks,
                      filt.final_mask, filt.n_ref[0], filt.n_ref, n_candidates.astype(jnp.int32),
                      seclip_only, patch_map)
@@ -169,10 +170,8 @@ def build_bank(params: dict, cfg: CLIPConfig, conf: FiSeConfig, images, valid=No
 def empty_stream(cfg: CLIPConfig, conf: FiSeConfig, bank_size: int) -> External:
   """The ring buffer of a stream scored in rolling mode with a window of `bank_size` images."""
   g = conf.image_size // cfg.patch_size
-  n_steps = {"r": len(conf.r_list), "layer": len(conf.feature_layers),
-             "flat": len(conf.r_list) * len(conf.feature_layers)}[conf.filter_loop]
-  n_maps = len(conf.feature_layers) * len(conf.r_list) // n_steps
-  return references.empty_ring(n_steps, n_maps, bank_size, g * g, cfg.vision_width,
+  n_maps = len(conf.feature_layers) * len(conf.r_list) // conf.n_steps
+  return references.empty_ring(conf.n_steps, n_maps, bank_size, g * g, cfg.vision_width,
                                 conf.compute_dtype)
 
 

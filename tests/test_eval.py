@@ -1,4 +1,5 @@
 """The evaluation programs as a new user runs them (subprocesses, small sizes, random weights)."""
+import csv
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ def test_demo_runs_end_to_end_and_says_random(tmp_path):
   assert doc["checkpoint"]["weights"].startswith("random:")
   assert doc["categories"]["hazelnut"]["n_images"] == 23
   lines = (tmp_path / "scores" / "hazelnut.csv").read_text().splitlines()
-  assert lines[0] == "path,label,score" and len(lines) == 24
+  assert lines[0] == "path,label,score,n_ref,seclip_only" and len(lines) == 24
   assert (tmp_path / "results.csv").read_text().startswith("category,pixel_auroc")
   assert len(list((tmp_path / "maps" / "hazelnut").glob("test__*.png"))) == 23
 
@@ -100,8 +101,8 @@ def test_folder_scores_single_image_with_seclip_alone(tmp_path):
   assert "SeCLIP alone" in p.stdout
   lines = (tmp_path / "out" / "scores.csv").read_text().splitlines()
   assert len(lines) == 2 and lines[1].split(",")[0].endswith("one.jpg")
-  assert np.isfinite(float(lines[1].split(",")[2]))
-  assert (tmp_path / "out" / "maps" / "one.png").exists()
+  assert np.isfinite(float(lines[1].split(",")[1]))
+  assert (tmp_path / "out" / "maps" / "one.jpg.png").exists()
 
 
 def test_wrong_layout_and_missing_weights_are_clear_errors(tmp_path):
@@ -133,3 +134,17 @@ def test_missing_mask_is_a_clear_error(tmp_path):
   mask.unlink()
   p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'o'}", *FAST, check=False)
   assert p.returncode == 1 and mask.name in p.stderr and "Traceback" not in p.stderr
+
+
+def test_seclip_only_images_are_counted_with_their_reason(tmp_path):
+  """lam = 0 makes M0 exclude every patch: every reference is empty, so every image falls back to
+  SeCLIP. That fallback was silent (only a batch of one was counted); now it is reported per image
+  and per category, with the reason."""
+  p = run("eval.mvtec", f"--data_root={demo_root()}", f"--out={tmp_path}", "--lam=0", *FAST)
+  doc = json.loads((tmp_path / "results.json").read_text())
+  cat = doc["categories"]["hazelnut"]
+  assert cat["seclip_only"] == {"total": 23, "no_candidates": 0, "all_masked": 23}
+  with open(tmp_path / "scores" / "hazelnut.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 23 and {r["seclip_only"] for r in rows} == {"1"} and {r["n_ref"] for r in rows} == {"0"}
+  assert "23 image(s) scored by SeCLIP alone" in p.stdout + p.stderr

@@ -6,7 +6,8 @@ The issue's bound: image and pixel AUROC change by < 0.002. Maps: bfloat16 keeps
 import numpy as np
 
 import fiseclip_jax as fj
-from eval.common import DEMO_CONFIG, shuffled
+from fiseclip_jax.cli.dataset_run import shuffled
+from fiseclip_jax.cli.runtime import DEMO_CONFIG
 from fiseclip_jax.data import demo_root, iter_batches, mvtec_samples
 
 

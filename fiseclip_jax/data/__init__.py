@@ -8,12 +8,17 @@ from fiseclip_jax.data.datasets import Sample
 from fiseclip_jax.data.datasets import VISA_LAYOUT
 from fiseclip_jax.data.datasets import btad_categories
 from fiseclip_jax.data.datasets import btad_samples
+from fiseclip_jax.data.datasets import btad_train_samples
+from fiseclip_jax.data.datasets import check_files
 from fiseclip_jax.data.datasets import class_name
 from fiseclip_jax.data.datasets import folder_samples
+from fiseclip_jax.data.datasets import list_folder
 from fiseclip_jax.data.datasets import mvtec_categories
 from fiseclip_jax.data.datasets import mvtec_samples
+from fiseclip_jax.data.datasets import mvtec_train_samples
 from fiseclip_jax.data.datasets import visa_categories
 from fiseclip_jax.data.datasets import visa_samples
+from fiseclip_jax.data.datasets import visa_train_samples
 from fiseclip_jax.data.loader import Batch
 from fiseclip_jax.data.loader import iter_batches
 from fiseclip_jax.data.preprocess import OPENAI_MEAN
@@ -24,6 +29,7 @@ from fiseclip_jax.data.preprocess import load_image
 from fiseclip_jax.data.preprocess import load_mask
 from fiseclip_jax.data.preprocess import preprocess_image
 from fiseclip_jax.data.preprocess import read_rgb
+from fiseclip_jax.data.preprocess import read_size
 from fiseclip_jax.data.preprocess import to_uint8_rgb
 
 DEMO_CATEGORY = "hazelnut"
@@ -41,7 +47,8 @@ def demo_root() -> str:
 __all__ = [
     "BTAD_LAYOUT", "Batch", "BadInputError", "DEMO_CATEGORY", "IMAGE_EXTENSIONS", "MVTEC_LAYOUT",
     "OPENAI_MEAN", "OPENAI_STD", "Sample", "VISA_LAYOUT", "btad_categories", "btad_samples",
-    "class_name", "demo_root", "denormalize", "folder_samples", "iter_batches", "load_image",
-    "load_mask", "mvtec_categories", "mvtec_samples", "preprocess_image", "read_rgb",
-    "to_uint8_rgb", "visa_categories", "visa_samples",
+    "btad_train_samples", "check_files", "class_name", "demo_root", "denormalize",
+    "folder_samples", "iter_batches", "list_folder", "load_image", "load_mask",
+    "mvtec_categories", "mvtec_samples", "mvtec_train_samples", "preprocess_image", "read_rgb",
+    "read_size", "to_uint8_rgb", "visa_categories", "visa_samples", "visa_train_samples",
 ]

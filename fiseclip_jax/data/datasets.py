@@ -10,9 +10,9 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from fiseclip_jax.data.preprocess import BadInputError, PathLike
+from fiseclip_jax.data.preprocess import BadInputError, PathLike, read_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -131,11 +131,24 @@ def mvtec_samples(root: PathLike, category: str) -> List[Sample]:
   return _require_some(samples, category, f"{test}/<defect>/", MVTEC_LAYOUT)
 
 
+def mvtec_train_samples(root: PathLike, category: str) -> List[Sample]:
+  """The known-good training images of an MVTec AD category (`train/good`), sorted by path."""
+  good = _existing_dir(root, MVTEC_LAYOUT) / category / "train" / "good"
+  samples = [Sample(str(p), 0, None, "good") for p in _list_images(good)]
+  if not samples:
+    raise BadInputError(f"category {category!r} has no known-good images in {good}; a bank "
+                        "(--k_shot) draws from <root>/<category>/train/good/")
+  return samples
+
+
 # VisA.
 
 
-def _visa_from_csv(root: Path, csv_path: Path) -> Dict[str, List[Sample]]:
-  """Test rows of split_csv/1cls.csv by category (a category with only train rows maps to [])."""
+def _visa_from_csv(root: Path, csv_path: Path, split: str = "test") -> Dict[str, List[Sample]]:
+  """Rows of one split of split_csv/1cls.csv by category (a category without such rows maps to []).
+
+  The train split holds normal images only; they are the known-good bank of few-shot runs.
+  """
   table: Dict[str, List[Sample]] = {}
   with open(csv_path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
@@ -145,7 +158,7 @@ def _visa_from_csv(root: Path, csv_path: Path) -> Dict[str, List[Sample]]:
     for row in reader:
       row = {k: (row.get(k) or "").strip() for k in _CSV_COLUMNS}
       cat_samples = table.setdefault(row["object"], [])
-      if row["split"] != "test":
+      if row["split"] != split:
         continue
       where = f"{csv_path} line {reader.line_num}"
       label = _CSV_LABELS.get(row["label"])
@@ -159,26 +172,26 @@ def _visa_from_csv(root: Path, csv_path: Path) -> Dict[str, List[Sample]]:
   return table
 
 
-def _visa_from_meta(root: Path, meta_path: Path) -> Dict[str, List[Sample]]:
-  """The "test" part of an APRIL-GAN / AnomalyCLIP / MuSc meta.json, by category."""
+def _visa_from_meta(root: Path, meta_path: Path, split: str = "test") -> Dict[str, List[Sample]]:
+  """One part ("test" or "train") of an APRIL-GAN / AnomalyCLIP / MuSc meta.json, by category."""
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
   except (OSError, ValueError) as err:
     raise BadInputError(f"{meta_path}: cannot read it as JSON ({err}); {VISA_LAYOUT}") from err
-  test = meta.get("test") if isinstance(meta, dict) else None
-  if not isinstance(test, dict):
-    raise BadInputError(f"{meta_path}: no \"test\" object; {VISA_LAYOUT}")
+  part = meta.get(split) if isinstance(meta, dict) else None
+  if not isinstance(part, dict):
+    raise BadInputError(f"{meta_path}: no \"{split}\" object; {VISA_LAYOUT}")
   table: Dict[str, List[Sample]] = {}
-  for cat, items in test.items():
+  for cat, items in part.items():
     if not isinstance(items, list):
-      raise BadInputError(f"{meta_path}: test/{cat} is not a list; {VISA_LAYOUT}")
-    table[cat] = [_meta_sample(root, meta_path, cat, i, item) for i, item in enumerate(items)]
+      raise BadInputError(f"{meta_path}: {split}/{cat} is not a list; {VISA_LAYOUT}")
+    table[cat] = [_meta_sample(root, meta_path, f"{split}/{cat}", i, item) for i, item in enumerate(items)]
   return table
 
 
 def _meta_sample(root: Path, meta_path: Path, cat: str, i: int, item) -> Sample:
-  where = f"{meta_path}: test/{cat}[{i}]"
+  where = f"{meta_path}: {cat}[{i}]"
   if not isinstance(item, dict) or "img_path" not in item or "anomaly" not in item:
     raise BadInputError(f"{where} lacks img_path or anomaly; {VISA_LAYOUT}")
   if item["anomaly"] not in (0, 1):
@@ -192,15 +205,15 @@ def _meta_sample(root: Path, meta_path: Path, cat: str, i: int, item) -> Sample:
   return Sample(image, 1, str(root / item["mask_path"]), item.get("specie_name") or "anomaly")
 
 
-def _visa_table(root: PathLike) -> Dict[str, List[Sample]]:
-  """All VisA test samples by category; split_csv/1cls.csv is preferred over meta.json."""
+def _visa_table(root: PathLike, split: str = "test") -> Dict[str, List[Sample]]:
+  """All VisA samples of a split by category; split_csv/1cls.csv is preferred over meta.json."""
   root = _existing_dir(root, VISA_LAYOUT)
   csv_path = root / "split_csv" / "1cls.csv"
   meta_path = root / "meta.json"
   if csv_path.is_file():
-    return _visa_from_csv(root, csv_path)
+    return _visa_from_csv(root, csv_path, split)
   if meta_path.is_file():
-    return _visa_from_meta(root, meta_path)
+    return _visa_from_meta(root, meta_path, split)
   raise BadInputError(
       f"data root {root} has neither split_csv/1cls.csv nor meta.json; {VISA_LAYOUT}")
 
@@ -222,6 +235,16 @@ def visa_samples(root: PathLike, category: str) -> List[Sample]:
     if s.mask_path is not None and not os.path.isfile(s.mask_path):
       raise BadInputError(f"defective image {s.path} has no mask: expected {s.mask_path}")
   return _require_some(table[category], category, f"the test split of {root}", VISA_LAYOUT)
+
+
+def visa_train_samples(root: PathLike, category: str) -> List[Sample]:
+  """The normal training images of a VisA category (split "train", label "normal"), sorted."""
+  table = _visa_table(root, "train")
+  normals = [s for s in table.get(category, []) if s.label == 0]
+  if not normals:
+    raise BadInputError(f"VisA category {category!r} has no normal training image in the split "
+                        f"file of {root}; a bank (--k_shot) draws from them")
+  return _sorted(normals)
 
 
 # BTAD.
@@ -252,14 +275,71 @@ def btad_samples(root: PathLike, category: str) -> List[Sample]:
   return _require_some(samples, category, f"{test}/ok/ or {test}/ko/", BTAD_LAYOUT)
 
 
+def btad_train_samples(root: PathLike, category: str) -> List[Sample]:
+  """The known-good training images of a BTAD category (`train/ok`), sorted by path."""
+  ok = _existing_dir(root, BTAD_LAYOUT) / category / "train" / "ok"
+  samples = [Sample(str(p), 0, None, "good") for p in _list_images(ok)]
+  if not samples:
+    raise BadInputError(f"category {category!r} has no known-good images in {ok}; a bank "
+                        "(--k_shot) draws from <root>/<category>/train/ok/")
+  return samples
+
+
 # A plain folder.
 
 
-def folder_samples(directory: PathLike) -> List[Sample]:
-  """The images directly in `directory` (not recursive), sorted, unlabeled (label -1)."""
+def list_folder(directory: PathLike, recursive: bool = False) -> Tuple[List[Sample], List[str]]:
+  """(images, ignored files) under `directory`, both sorted by path; unlabeled images (label -1).
+
+  recursive: also search sub-folders (hidden ones skipped). Ignored: files that are not images by
+  their extension (hidden files are not counted).
+  """
   layout = f"expected a folder of images ({' '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
   d = _existing_dir(directory, layout, "image folder")
-  images = _list_images(d)
+  images, ignored = [], []
+  walk = os.walk(d) if recursive else [(str(d), [], os.listdir(d))]
+  for folder, subdirs, files in walk:
+    subdirs[:] = sorted(x for x in subdirs if not x.startswith("."))
+    for name in files:
+      p = Path(folder) / name
+      if name.startswith(".") or not p.is_file():
+        continue
+      (images if _is_image(p) else ignored).append(str(p))
   if not images:
-    raise BadInputError(f"folder {d} has no images; {layout}")
-  return [Sample(str(p), -1, None, "") for p in images]
+    hint = "" if recursive else " (sub-folders are not searched: pass --recursive)"
+    raise BadInputError(f"folder {d} has no images{hint}; {layout}")
+  return [Sample(p, -1, None, "") for p in sorted(images)], sorted(ignored)
+
+
+def folder_samples(directory: PathLike, recursive: bool = False) -> List[Sample]:
+  """The images in `directory` (sub-folders too when recursive), sorted, unlabeled (label -1)."""
+  return list_folder(directory, recursive)[0]
+
+
+class FileProblem(NamedTuple):
+  sample: Sample
+  error: BadInputError
+  in_mask: bool        # the ground truth is wrong (never skipped: it would bias the metrics)
+
+
+def check_files(samples: List[Sample]) -> List[FileProblem]:
+  """Cheap checks of every file before any model work: each image's header is readable and each
+  mask has its image's size (headers only, nothing decoded). Returns the problems found."""
+  problems = []
+  for s in samples:
+    try:
+      size = read_size(s.path, "image")
+    except BadInputError as err:
+      problems.append(FileProblem(s, err, False))
+      continue
+    if s.mask_path is None:
+      continue
+    try:
+      mask_size = read_size(s.mask_path, f"mask (of image {s.path})")
+      if mask_size != size:
+        raise BadInputError(
+            f"mask {s.mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {s.path} "
+            f"is {size[0]}x{size[1]}; a mask must have the same size as its image")
+    except BadInputError as err:
+      problems.append(FileProblem(s, err, True))
+  return problems

@@ -31,19 +31,22 @@ class Batch:
   images (B, S, S, 3) float32 normalized (zeros in padded slots); valid (B,) bool; labels (B,)
   int32 (1 defect, 0 good, -1 unknown or padded); masks (B, S, S) bool (all False for good,
   unlabeled and padded slots), or None when masks were not asked for; samples: the Sample of each
-  slot, None for padded slots.
+  slot, None for padded slots; index (B,) int64: each slot's position in the caller's sample list
+  (`indices` of `iter_batches`), -1 for padded slots.
   """
   images: np.ndarray
   valid: np.ndarray
   labels: np.ndarray
   masks: Optional[np.ndarray]
   samples: List[Optional[Sample]]
+  index: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class _Decoded:
   """A decoded sample, or the error that made its image unreadable."""
   sample: Sample
+  index: int
   image: Optional[np.ndarray] = None
   mask: Optional[np.ndarray] = None
   error: Optional[BadInputError] = None
@@ -59,19 +62,20 @@ def _sample_mask(sample: Sample, size: int, image_hw: Tuple[int, int]) -> np.nda
   return load_mask(sample.mask_path, size, sample.path, image_hw)
 
 
-def _decode(sample: Sample, image_size: int, with_masks: bool) -> _Decoded:
-  """Decodes one sample. An unreadable image is returned as data (it may be skipped); a bad
-  mask raises (the ground truth is wrong, skipping would bias the metrics)."""
+def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool) -> _Decoded:
+  """Decodes one (index, sample). An unreadable image is returned as data (it may be skipped); a
+  bad mask raises (the ground truth is wrong, skipping would bias the metrics)."""
+  index, sample = item
   try:
     rgb = read_rgb(sample.path)
   except BadInputError as err:
-    return _Decoded(sample, error=err)
+    return _Decoded(sample, index, error=err)
   image = preprocess_image(rgb, image_size)
   mask = _sample_mask(sample, image_size, (rgb.height, rgb.width)) if with_masks else None
-  return _Decoded(sample, image, mask)
+  return _Decoded(sample, index, image, mask)
 
 
-def _decoded_in_order(samples: Sequence[Sample], decode: Callable[[Sample], _Decoded],
+def _decoded_in_order(samples: Sequence, decode: Callable[..., _Decoded],
                       num_workers: int, window: int) -> Iterator[_Decoded]:
   """Yields decode(s) for each sample in order, with up to `window` decodes in flight."""
   if num_workers <= 0:
@@ -100,17 +104,20 @@ def _assemble(slots: List[_Decoded], batch_size: int, image_size: int,
   labels = np.full(batch_size, -1, np.int32)
   masks = np.zeros(shape, bool) if with_masks else None
   samples: List[Optional[Sample]] = [None] * batch_size
+  index = np.full(batch_size, -1, np.int64)
   for i, d in enumerate(slots):
     images[i], valid[i], labels[i], samples[i] = d.image, True, d.sample.label, d.sample
+    index[i] = d.index
     if masks is not None:
       masks[i] = d.mask
-  return Batch(images, valid, labels, masks, samples)
+  return Batch(images, valid, labels, masks, samples, index)
 
 
 def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
                  with_masks: bool = True, num_workers: int = 4, skip_bad_images: bool = False,
                  on_skip: Optional[Callable[[str, BadInputError], None]] = None,
-                 prefetch_batches: int = 2) -> Iterator[Batch]:
+                 prefetch_batches: int = 2,
+                 indices: Optional[Sequence[int]] = None) -> Iterator[Batch]:
   """Yields batches of exactly `batch_size` slots, in the order of `samples`.
 
   Args:
@@ -123,6 +130,8 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
       readable one (batches stay full); otherwise it raises BadInputError naming the file.
     on_skip: called as on_skip(path, error) for each skipped image.
     prefetch_batches: batches decoded ahead of the one the caller holds (at least 1 with threads).
+    indices: each sample's position in the caller's own list (default 0, 1, ...), carried by the
+      batches so results map back to samples without identity tricks.
 
   Raises:
     BadInputError: an unreadable image (unless skipped), a missing, unreadable or mis-sized mask.
@@ -132,7 +141,12 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
   decode = functools.partial(_decode, image_size=image_size, with_masks=with_masks)
   window = batch_size * max(1, prefetch_batches)  # in flight once the current batch is full
   slots: List[_Decoded] = []
-  with contextlib.closing(_decoded_in_order(list(samples), decode, num_workers, window)) as stream:
+  samples = list(samples)
+  indices = range(len(samples)) if indices is None else list(indices)
+  if len(indices) != len(samples):
+    raise ValueError(f"{len(indices)} indices for {len(samples)} samples")
+  items = list(zip(indices, samples))
+  with contextlib.closing(_decoded_in_order(items, decode, num_workers, window)) as stream:
     for d in stream:
       if d.error is not None:
         if not skip_bad_images:

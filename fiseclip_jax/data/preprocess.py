@@ -42,6 +42,19 @@ def _open_decoded(path: PathLike, what: str) -> Image.Image:
   return img
 
 
+def read_size(path: PathLike, what: str = "image") -> Tuple[int, int]:
+  """(width, height) from the file's header, nothing decoded: the cheap check of a whole data set."""
+  try:
+    with Image.open(path) as img:
+      return img.size
+  except FileNotFoundError as err:
+    raise BadInputError(f"{what} {os.fspath(path)}: file not found") from err
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    raise BadInputError(
+        f"{what} {os.fspath(path)}: cannot read it as an image ({err}); expected a complete "
+        "PNG/JPEG/BMP/TIFF/WebP file") from err
+
+
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:
   """Single-channel 16/32-bit or float samples -> uint8, scaled to the type's full range.
 

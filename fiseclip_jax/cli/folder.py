@@ -1,0 +1,236 @@
+"""Score unlabeled images from a line: per-image scores (CSV) and heat maps, as a long-running job.
+
+  fiseclip-folder --images DIR --class_name "metal nut" --weights FILE --out DIR
+      [--recursive] [--normal_images GOOD_DIR [--k_shot K]] [--references rolling --bank_size K]
+
+(`python -m eval.folder ...` in a checkout.) References (docs/DESIGN.md §5): by default each
+image is compared with the other images of its batch; with --normal_images, with those known-good
+parts too (--references both, the default then) or only (--references bank); with
+--references rolling, with the --bank_size images just before it in file order (a production line).
+
+Written as it goes: scores.log.csv gets each batch's rows, flushed to disk, so a kill loses at
+most one batch and --resume continues where it stopped (every image scored once, the same scores
+as an uninterrupted run). At the end: scores.csv (sorted by path), skipped.csv, run.json, and
+maps/<relative path>.png / .npy with --save_maps.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import List
+
+import numpy as np
+from absl import flags
+
+from fiseclip_jax import reports
+from fiseclip_jax.cli import app, options, runtime
+from fiseclip_jax.cli.errors import UsageError
+from fiseclip_jax.cli.progress import Progress
+
+FLAGS = flags.FLAGS
+LOG_COLUMNS = ("path", "status", "score", "n_ref", "seclip_only", "note")
+RUN_JSON = "run.json"
+
+
+def define_flags() -> None:
+  options.define_run_flags("folder", with_data_root=False, multihost=False)
+  options.define_bank_flags("--normal_images (default: all of them)")
+  options.define_method_flags()
+  flags.DEFINE_string("images", None, "Folder of images to score.")
+  flags.DEFINE_string("class_name", None, "What the images show, as in the prompts (e.g. 'metal nut').")
+  flags.DEFINE_bool("recursive", False, "Also score the images in sub-folders of --images.")
+  flags.DEFINE_string("normal_images", None, "Folder of known-good images: the bank of references.")
+  flags.DEFINE_integer("bank_size", 16, "--references rolling: how many images before each one "
+                       "serve as its references.")
+  flags.DEFINE_bool("top_up", True, "Fill the short last batch with already-scored images as "
+                    "references only, so every image has B - 1.")
+  flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map) per image.")
+
+
+def _rel(path: str) -> str:
+  return os.path.relpath(os.path.abspath(path), os.path.abspath(FLAGS.images))
+
+
+def _check_flags() -> bool:
+  """Folder-specific checks; returns whether a bank is used."""
+  if not FLAGS.images or not FLAGS.class_name:
+    raise UsageError("--images DIR and --class_name NAME are required")
+  rolling = FLAGS.references == "rolling"
+  if rolling and FLAGS.normal_images:
+    raise UsageError("--references rolling compares each image with the ones before it; it does "
+                     "not take --normal_images")
+  if rolling and FLAGS.bank_size < 1:
+    raise UsageError(f"--bank_size {FLAGS.bank_size}: expected >= 1")
+  if FLAGS.k_shot and not FLAGS.normal_images:
+    raise UsageError("--k_shot draws from --normal_images: pass the folder of known-good images")
+  has_bank = bool(FLAGS.normal_images)
+  options.check_run_flags(has_bank, None if rolling else FLAGS.references)
+  return has_bank
+
+
+def _bank_samples():
+  from fiseclip_jax import data, scoring
+  samples, _ = data.list_folder(FLAGS.normal_images, FLAGS.recursive)
+  if FLAGS.k_shot:
+    samples = scoring.draw(samples, FLAGS.k_shot, FLAGS.seed)
+  problems = data.check_files(samples)
+  if problems:
+    raise problems[0].error
+  return samples
+
+
+def _prepare_out(ident: dict) -> List[List[dict]]:
+  """Complete batches of an earlier run to keep (--resume), after checking the folder."""
+  options.check_out_dir(FLAGS.out)
+  run_json = os.path.join(FLAGS.out, RUN_JSON)
+  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
+  if FLAGS.resume and os.path.isfile(run_json):
+    import json
+    with open(run_json, encoding="utf-8") as f:
+      try:
+        doc = json.load(f)
+      except json.JSONDecodeError as e:
+        raise json.JSONDecodeError(f"{run_json} is not valid JSON ({e.msg}); it was left as it is",
+                                   e.doc, e.pos) from None
+    try:
+      reports.check_resume(doc, ident, FLAGS.out)
+    except reports.RunMismatch as e:
+      raise UsageError(str(e)) from None
+    done = log.read()
+    log.rewrite(done)
+    return done
+  earlier = reports.earlier_outputs(FLAGS.out)
+  if earlier:
+    if not FLAGS.overwrite:
+      raise UsageError(f"--out {FLAGS.out} holds an earlier run ({', '.join(earlier)}): pass "
+                       "--resume to continue it, --overwrite to replace it, or another --out")
+    reports.remove_outputs(FLAGS.out)
+  reports.write_json(run_json, {"identity": ident, "status": "running"})
+  return []
+
+
+def run() -> None:
+  from fiseclip_jax import data
+  has_bank = _check_flags()
+  conf = options.fise_config(FLAGS.platform or "cpu", has_bank)
+  spec = runtime.model_spec()
+  runtime.check_model(conf, spec)
+  samples, ignored = data.list_folder(FLAGS.images, FLAGS.recursive)
+  problems = data.check_files(samples)
+  if problems and not FLAGS.skip_bad_images:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
+  unreadable = {p.sample.path: str(p.error) for p in problems}
+  samples = [s for s in samples if s.path not in unreadable]
+  bank_samples = _bank_samples() if has_bank else []
+  backend = runtime.setup_backend()
+  conf = options.fise_config(backend, has_bank)
+  ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,
+           "class_name": FLAGS.class_name, "config": conf.to_dict(), "clip_config": spec.cfg.to_dict(),
+           "checkpoint_sha256": spec.checkpoint["sha256"] or spec.checkpoint["weights"],
+           "batch_size": FLAGS.batch_size, "top_up": FLAGS.top_up,
+           "bank": [os.path.abspath(s.path) for s in bank_samples],
+           "bank_size": FLAGS.bank_size if conf.references == "rolling" else None}
+  done = _prepare_out(ident)
+  print(f"{len(samples)} image(s) in {FLAGS.images}" + (" and its sub-folders" if FLAGS.recursive else "")
+        + (f"; {len(ignored)} other file(s) ignored" if ignored else "")
+        + (f"; {len(unreadable)} unreadable, skipped" if unreadable else "")
+        + f"; references {conf.references}"
+        + (f" ({len(bank_samples)} known-good)" if bank_samples else "")
+        + (f" (the {FLAGS.bank_size} before each image)" if conf.references == "rolling" else ""))
+  if len(samples) == 1 and conf.references == "batch":
+    print("one image: no reference for feature matching, scoring with SeCLIP alone")
+  t0 = time.time()
+  _score(conf, spec, samples, bank_samples, done)
+  _finish(ident, ignored, unreadable, time.time() - t0)
+
+
+def _score(conf, spec, samples, bank_samples, done: List[List[dict]]) -> None:
+  import fiseclip_jax as fj
+  from fiseclip_jax import overlays, scoring, sharding
+  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
+  rolling = conf.references == "rolling"
+  devices = runtime.devices()[:1] if rolling else runtime.devices()
+  mesh = sharding.make_mesh(devices)
+  params = sharding.replicate(runtime.load_params(spec), mesh)
+  cfg = spec.cfg
+  text = fj.text_features(params, cfg, FLAGS.class_name, conf)
+  bank = None
+  if bank_samples:
+    bank = fj.build_bank(params, cfg, conf, scoring.load_images(bank_samples, conf.image_size))
+    bank = sharding.replicate(bank, mesh)
+  consumed = {r["path"] for batch in done for r in batch}
+  n_done = sum(r["status"] == "scored" for batch in done for r in batch)
+  state = {"batch": len(done), "replay": len(done) if rolling else 0, "skipped": []}
+
+  def on_skip_row(path, err):
+    sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
+    state["skipped"].append([_rel(path), "skipped", "", "", "", str(err).replace("\n", " ")])
+
+  def on_batch(r):
+    if state["replay"] > 0:                   # rolling resume: rebuilding the ring, already logged
+      state["replay"] -= 1
+      state["skipped"] = []
+      return
+    rows = list(state["skipped"])
+    state["skipped"] = []
+    for s, q, score, n_ref, only, m in zip(r.batch.samples, r.query, r.scores, r.n_ref,
+                                           r.seclip_only, r.maps):
+      if not q:
+        continue
+      rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""])
+      if FLAGS.save_maps:
+        base = os.path.join(FLAGS.out, "maps", _rel(s.path))
+        overlays.save_overlay(base + ".png", s.path, m)
+        np.save(base + ".npy", m.astype(np.float16))
+    log.append(state["batch"], rows)
+    state["batch"] += 1
+
+  if rolling:
+    todo, indices = samples, None              # the ring is rebuilt from the start on --resume
+  else:
+    keep = [i for i, s in enumerate(samples) if _rel(s.path) not in consumed]
+    todo, indices = [samples[i] for i in keep], keep
+  progress = Progress(len(samples), "images", enabled=FLAGS.progress)
+  base = n_done if not rolling else 0
+  update = lambda k: progress.update(min(base + k, len(samples)))
+  common = dict(params=params, cfg=cfg, conf=conf, text=text, batch_size=FLAGS.batch_size,
+                indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
+                on_progress=update, keep_maps=False)
+  if rolling:
+    scoring.score_stream_samples(todo, bank_size=FLAGS.bank_size, on_skip=on_skip_row, **common)
+  else:
+    scoring.score_samples(todo, mesh=mesh, bank=bank, on_skip=on_skip_row,
+                          top_up_pool=samples if FLAGS.top_up else None, **common)
+  progress.close()
+
+
+def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float) -> None:
+  """scores.csv (sorted), skipped.csv and run.json from the complete log."""
+  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
+  rows = [r for batch in log.read() for r in batch]
+  scored = sorted((r for r in rows if r["status"] == "scored"), key=lambda r: r["path"])
+  skipped = sorted([[_rel(p), e] for p, e in unreadable.items()]
+                   + [[r["path"], r["note"]] for r in rows if r["status"] == "skipped"])
+  header = ["path", "score", "n_ref", "seclip_only"]
+  reports.atomic_write(os.path.join(FLAGS.out, "scores.csv"), reports.csv_text(
+      [header] + [[r[c] for c in header] for r in scored]))
+  reports.atomic_write(os.path.join(FLAGS.out, "skipped.csv"),
+                       reports.csv_text([["path", "reason"]] + skipped))
+  only = sum(r["seclip_only"] == "1" for r in scored)
+  reports.write_json(os.path.join(FLAGS.out, RUN_JSON), {
+      "identity": ident, "status": "complete", "scored": len(scored), "skipped": len(skipped),
+      "ignored_files": len(ignored), "seclip_only": only, "seconds_last_session": seconds,
+      "versions": runtime.versions()})
+  print(f"scored {len(scored)} image(s) ({len(scored) / max(seconds, 1e-9):.2f} img/s this session)"
+        + (f"; {only} scored by SeCLIP alone (no reference)" if only else "")
+        + (f"; {len(skipped)} skipped (skipped.csv)" if skipped else "")
+        + (f"; {len(ignored)} non-image file(s) ignored" if ignored else "")
+        + f": {os.path.join(FLAGS.out, 'scores.csv')}"
+        + (f", maps in {os.path.join(FLAGS.out, 'maps')}" if FLAGS.save_maps else ""))
+
+
+def main(argv=None) -> None:
+  define_flags()
+  app.run(run, __doc__, argv)

@@ -135,10 +135,13 @@ def _roles(batch: Batch, reference: np.ndarray, position: Optional[np.ndarray] =
   return references.Roles(batch.valid.copy(), reference, position.astype(np.int32))
 
 
-def _host_results(out, round_batches, round_query) -> List[BatchResult]:
-  """Split a round's device outputs (n, B, ...) into per-batch host results."""
+def _host_results(out, round_batches, round_query, stacked: bool = True) -> List[BatchResult]:
+  """Split a round's device outputs (n, B, ...) (one batch's (B, ...) if not stacked) into
+  per-batch host results."""
   fields = ("image_scores", "anomaly_maps", "n_ref", "seclip_only", "n_candidates")
   host = {f: np.asarray(getattr(out, f)) for f in fields}
+  if not stacked:
+    host = {f: v[None] for f, v in host.items()}
   return [BatchResult(b, q, host["image_scores"][j], host["anomaly_maps"][j], host["n_ref"][j],
                       host["seclip_only"][j], host["n_candidates"][j] == 0)
           for j, (b, q) in enumerate(zip(round_batches, round_query))]
@@ -223,7 +226,7 @@ def score_stream_samples(samples: Sequence[Sample], *, params, cfg, conf, text, 
     roles = _roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
     out, ring = pipeline.score_stream(params, cfg, conf, b.images, roles, text, ring)
     position += n
-    r = _host_results(out, [b], [roles.query])[0]
+    r = _host_results(out, [b], [roles.query], stacked=False)[0]
     collect.add(r)
     if on_batch is not None:
       on_batch(r)

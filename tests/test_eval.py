@@ -148,3 +148,29 @@ def test_seclip_only_images_are_counted_with_their_reason(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == 23 and {r["seclip_only"] for r in rows} == {"1"} and {r["n_ref"] for r in rows} == {"0"}
   assert "23 image(s) scored by SeCLIP alone" in p.stdout + p.stderr
+
+
+def test_top_up_gives_every_image_b_minus_1_references(tmp_path):
+  """23 images in batches of 8 (8, 8, 7): the last batch is topped up with an already-scored
+  image as a reference only, so every image has 7 references; --notop_up leaves its 7 images 6."""
+  run("eval.mvtec", f"--data_root={demo_root()}", f"--out={tmp_path / 'a'}", *FAST)
+  with open(tmp_path / "a" / "scores" / "hazelnut.csv") as f:
+    assert {r["n_ref"] for r in csv.DictReader(f)} == {"7"}
+  run("eval.mvtec", f"--data_root={demo_root()}", f"--out={tmp_path / 'b'}", "--notop_up", *FAST)
+  with open(tmp_path / "b" / "scores" / "hazelnut.csv") as f:
+    counts = sorted(int(r["n_ref"]) for r in csv.DictReader(f))
+  assert counts == [6] * 7 + [7] * 16
+
+
+def test_k_shot_bank_from_the_training_split(tmp_path):
+  root = shared_data("otx_hazelnut_colour")
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path}", "--k_shot=4", *FAST)
+  assert "references both (k_shot 4)" in p.stdout
+  doc = json.loads((tmp_path / "results.json").read_text())
+  cat = doc["categories"]["hazelnut"]
+  assert len(cat["bank"]) == 4 and all("/train/good/" in b for b in cat["bank"])
+  assert doc["identity"]["k_shot"] == 4 and doc["config"]["references"] == "both"
+  with open(tmp_path / "scores" / "hazelnut.csv") as f:
+    assert {r["n_ref"] for r in csv.DictReader(f)} == {"11"}      # 7 batch-mates + 4 known-good
+  m = cat["metrics"]
+  assert all(np.isfinite(v) for level in m.values() for v in level.values())

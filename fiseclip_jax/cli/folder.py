@@ -65,7 +65,7 @@ def _check_flags() -> bool:
   if FLAGS.k_shot and not FLAGS.normal_images:
     raise UsageError("--k_shot draws from --normal_images: pass the folder of known-good images")
   has_bank = bool(FLAGS.normal_images)
-  options.check_run_flags(has_bank, None if rolling else FLAGS.references)
+  options.check_run_flags(has_bank, FLAGS.references)
   return has_bank
 
 

@@ -1,0 +1,151 @@
+"""eval.folder as a line engineer runs it: references (batch, bank, rolling), a long job that can be
+killed and resumed, file names that cannot collide, everything it skipped or ignored listed."""
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fiseclip_jax.data import demo_root
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--random_weights", "--model=demo", "--image_size=112", "--noprogress", "--platform=cpu",
+        "--class_name=hazelnut"]
+TEST = Path(demo_root()) / "hazelnut" / "test"
+
+
+def run(*args, check=True, timeout=600):
+  p = subprocess.run([sys.executable, "-m", "eval.folder", *FAST, *args], cwd=ROOT,
+                     capture_output=True, text=True, timeout=timeout)
+  if check and p.returncode != 0:
+    raise AssertionError(f"eval.folder failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+  return p
+
+
+def rows(out):
+  with open(out / "scores.csv") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+  """The 23 demo test images as one flat folder, in a fixed order (a production line)."""
+  d = tmp_path_factory.mktemp("line")
+  for i, p in enumerate(sorted(TEST.rglob("*.jpg"))):
+    shutil.copy(p, d / f"{i:02d}_{p.parent.name}.jpg")
+  return d
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+  d = tmp_path_factory.mktemp("good")
+  for p in sorted((TEST / "good").iterdir())[:4]:
+    shutil.copy(p, d / p.name)
+  return d
+
+
+def test_rolling_mode_counts_its_references(line, tmp_path):
+  out = tmp_path / "out"
+  p = run(f"--images={line}", f"--out={out}", "--references=rolling", "--bank_size=3",
+          "--batch_size=4")
+  r = rows(out)
+  assert [x["path"] for x in r] == sorted(x.name for x in line.iterdir())
+  assert [int(x["n_ref"]) for x in r] == [0, 1, 2] + [3] * 20
+  assert [x["seclip_only"] for x in r][:2] == ["1", "0"]
+  assert "1 scored by SeCLIP alone" in p.stdout
+  # The stream's batching does not change the results.
+  out1 = tmp_path / "out1"
+  run(f"--images={line}", f"--out={out1}", "--references=rolling", "--bank_size=3", "--batch_size=1")
+  for a, b in zip(r, rows(out1)):
+    assert a["path"] == b["path"] and a["n_ref"] == b["n_ref"]
+    assert abs(float(a["score"]) - float(b["score"])) < 1e-5
+
+
+def test_known_good_bank(line, good, tmp_path):
+  out = tmp_path / "bank"
+  run(f"--images={line}", f"--out={out}", f"--normal_images={good}", "--references=bank",
+      "--batch_size=8")
+  assert {x["n_ref"] for x in rows(out)} == {"4"}
+  out = tmp_path / "both"
+  p = run(f"--images={line}", f"--out={out}", f"--normal_images={good}", "--batch_size=8")
+  assert "references both (4 known-good)" in p.stdout
+  assert {x["n_ref"] for x in rows(out)} == {"11"}          # 7 batch-mates (top-up) + 4 bank
+  ident = json.loads((out / "run.json").read_text())["identity"]
+  assert len(ident["bank"]) == 4 and ident["config"]["references"] == "both"
+
+
+def test_killed_and_resumed_scores_every_image_once_as_an_uninterrupted_run(line, tmp_path):
+  full = tmp_path / "full"
+  run(f"--images={line}", f"--out={full}", "--batch_size=2")
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "eval.folder", *FAST, f"--images={line}",
+                           f"--out={out}", "--batch_size=2"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  log = out / "scores.log.csv"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not log.exists() or log.read_text().count("#end") < 4):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  written = log.read_text().count("#end")
+  assert 4 <= written < 12, written                       # killed halfway
+  p = run(f"--images={line}", f"--out={out}", "--batch_size=2", "--resume")
+  got, want = rows(out), rows(full)
+  assert [x["path"] for x in got] == [x["path"] for x in want]    # each image exactly once
+  for a, b in zip(got, want):
+    assert abs(float(a["score"]) - float(b["score"])) <= 1e-6, (a, b)
+  assert "scored 23 image(s)" in p.stdout
+
+
+def test_names_cannot_collide_and_subfolders_are_searched(tmp_path):
+  d = tmp_path / "imgs"
+  (d / "sub").mkdir(parents=True)
+  src = sorted((TEST / "good").iterdir())
+  shutil.copy(src[0], d / "a.jpg")
+  from PIL import Image
+  Image.open(src[1]).save(d / "a.png")
+  shutil.copy(src[2], d / "sub" / "a.jpg")
+  (d / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  p = run(f"--images={d}", f"--out={out}", "--batch_size=2", "--recursive")
+  assert [x["path"] for x in rows(out)] == ["a.jpg", "a.png", "sub/a.jpg"]
+  for name in ("a.jpg", "a.png", "sub/a.jpg"):
+    assert (out / "maps" / f"{name}.png").exists() and (out / "maps" / f"{name}.npy").exists()
+  assert "1 non-image file(s) ignored" in p.stdout
+  assert json.loads((out / "run.json").read_text())["ignored_files"] == 1
+  # Without --recursive the sub-folder is not searched, and --nosave_maps writes no map.
+  out2 = tmp_path / "out2"
+  run(f"--images={d}", f"--out={out2}", "--batch_size=2", "--nosave_maps")
+  assert [x["path"] for x in rows(out2)] == ["a.jpg", "a.png"]
+  assert not (out2 / "maps").exists()
+
+
+def test_skipped_images_are_listed(tmp_path):
+  d = tmp_path / "imgs"
+  d.mkdir()
+  for p in sorted((TEST / "good").iterdir())[:3]:
+    shutil.copy(p, d / p.name)
+  bad = d / "zz_truncated.jpg"
+  bad.write_bytes((TEST / "good" / sorted(x.name for x in (TEST / "good").iterdir())[0]).read_bytes()[:300])
+  out = tmp_path / "out"
+  p = run(f"--images={d}", f"--out={out}", "--batch_size=2", "--skip_bad_images")
+  with open(out / "skipped.csv") as f:
+    skipped = list(csv.DictReader(f))
+  assert [s["path"] for s in skipped] == ["zz_truncated.jpg"] and skipped[0]["reason"]
+  assert len(rows(out)) == 3 and "1 skipped" in p.stdout
+
+
+def test_earlier_results_are_never_mixed_in(line, tmp_path):
+  out = tmp_path / "out"
+  run(f"--images={line}", f"--out={out}", "--batch_size=8")
+  p = run(f"--images={line}", f"--out={out}", "--batch_size=4", check=False)
+  assert p.returncode == 2 and "--resume" in p.stderr
+  p = run(f"--images={line}", f"--out={out}", "--batch_size=4", "--resume", check=False)
+  assert p.returncode == 2 and "batch_size" in p.stderr
+  run(f"--images={line}", f"--out={out}", "--batch_size=4", "--overwrite")
+  assert {x["n_ref"] for x in rows(out)} == {"3"}

@@ -9,12 +9,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "encode_image": "clip", "encode_text": "clip", "init_params": "clip", "logit_scale": "clip",
-    "tokenize": "clip",
+    "encode_text": "clip", "init_params": "clip", "logit_scale": "clip", "tokenize": "clip",
     "CLIPConfig": "config", "FiSeConfig": "config", "ConfigError": "config",
     "lnamd": "ficlip", "mutual_scores": "ficlip",
     "DetectResult": "pipeline", "SeCLIPOnlyWarning": "pipeline", "build_bank": "pipeline",
     "detect": "pipeline", "empty_stream": "pipeline", "score_stream": "pipeline",
+    "encode_image": "pipeline", "ImageFeatures": "pipeline", "Spec": "pipeline",
+    "make_spec": "pipeline",
     "Roles": "references", "make_roles": "references",
     "text_features": "prompts",
 }

@@ -1,10 +1,13 @@
-"""Converted checkpoints: one safetensors file of '/'-joined param paths, CLIPConfig in its metadata.
+"""Converted checkpoints: one safetensors file of '/'-joined param paths; the backbone's name and
+architecture in its metadata.
 
 `load_checkpoint` checks every key and shape against the architecture the file declares and names
 what is missing, unexpected or mis-shaped, so a wrong file fails here and not deep inside a jit.
+Files of the first format (CLIP only, `clip_config`) still load.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,9 +15,9 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from fiseclip_jax.config import CLIPConfig
 
-FORMAT = "fiseclip_jax/1"
+FORMAT = "fiseclip_jax/2"
+FORMAT_V1 = "fiseclip_jax/1"     # CLIP only: {"clip_config": ...}
 
 
 class CheckpointError(ValueError):
@@ -51,13 +54,14 @@ def sha256_file(path: str, chunk: int = 1 << 24) -> str:
   return h.hexdigest()
 
 
-def expected_shapes(cfg: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
-  """'/'-joined param path -> shape for an architecture."""
-  from fiseclip_jax.clip.model import param_shapes  # jax import kept off the module's import path
-  return {k: tuple(v.shape) for k, v in flatten(param_shapes(cfg)).items()}
+def expected_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+  """'/'-joined param path -> shape for an architecture (any backbone's config)."""
+  from fiseclip_jax import registry  # jax import kept off the module's import path
+  shapes = registry.for_config(cfg).param_shapes(cfg)
+  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 
-def check_params(flat: Dict[str, np.ndarray], cfg: CLIPConfig, where: str) -> None:
+def check_params(flat: Dict[str, np.ndarray], cfg, where: str) -> None:
   """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
   want = expected_shapes(cfg)
   missing = sorted(set(want) - set(flat))
@@ -72,17 +76,18 @@ def check_params(flat: Dict[str, np.ndarray], cfg: CLIPConfig, where: str) -> No
       parts.append(f"unexpected keys {extra[:10]}" + (f" (+{len(extra) - 10} more)" if len(extra) > 10 else ""))
     if bad:
       parts.append(f"mis-shaped keys {bad[:10]}")
-    raise CheckpointError(f"{where}: does not match the CLIP architecture {cfg}: " + "; ".join(parts))
+    raise CheckpointError(f"{where}: does not match the architecture {cfg}: " + "; ".join(parts))
 
 
-def save_checkpoint(path: str, params: dict, cfg: CLIPConfig, source_sha256: str = "",
-                    source: str = "") -> None:
-  """Write params (float32) and the config as one safetensors file."""
+def save_checkpoint(path: str, params: dict, cfg, source_sha256: str = "", source: str = "") -> None:
+  """Write params (float32), the backbone's name and its config as one safetensors file."""
   from safetensors.numpy import save_file
+  from fiseclip_jax import registry
   flat = {k: np.array(v, np.float32, order="C") for k, v in flatten(params).items()}
   check_params(flat, cfg, path)
-  meta = {"format": FORMAT, "clip_config": json.dumps(cfg.to_dict()),
-          "source_sha256": source_sha256, "source": os.path.basename(source)}
+  meta = {"format": FORMAT, "backbone": registry.for_config(cfg).name,
+          "config": json.dumps(dataclasses.asdict(cfg)), "source_sha256": source_sha256,
+          "source": os.path.basename(source)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file(flat, path, metadata=meta)
 
@@ -98,20 +103,33 @@ def read_metadata(path: str) -> dict:
     raise CheckpointError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from e
 
 
-def read_config(path: str) -> CLIPConfig:
-  """The architecture a converted checkpoint declares, from its header alone (no tensor read)."""
+def read_config(path: str):
+  """The architecture a converted checkpoint declares (a backbone's config), from its header alone."""
+  from fiseclip_jax import registry
   meta = read_metadata(path)
-  if meta.get("format") != FORMAT or "clip_config" not in meta:
+  if meta.get("format") == FORMAT_V1 and "clip_config" in meta:
+    name, key = "clip", "clip_config"
+  elif meta.get("format") == FORMAT and "config" in meta:
+    name, key = meta.get("backbone", ""), "config"
+  else:
     raise CheckpointError(f"{path}: not a FiSeCLIP-JAX checkpoint (metadata format={meta.get('format')!r}, "
                           f"expected {FORMAT!r}); convert the source with `python -m weights.convert`")
+  config_type = registry.by_name(name, path).config_type
   try:
-    return CLIPConfig.from_dict(json.loads(meta["clip_config"]))
+    return config_type.from_dict(json.loads(meta[key]))
   except (ValueError, TypeError) as e:
-    raise CheckpointError(f"{path}: bad clip_config metadata: {e}") from e
+    raise CheckpointError(f"{path}: bad {key} metadata of a {name} checkpoint: {e}") from e
 
 
-def load_checkpoint(path: str) -> Tuple[dict, CLIPConfig]:
-  """(params, cfg) from a file written by `python -m weights.convert`; refuses a wrong file."""
+def read_backbone(path: str) -> str:
+  """The name of the backbone a converted checkpoint holds ("clip", "dinov2")."""
+  from fiseclip_jax import registry
+  return registry.for_config(read_config(path)).name
+
+
+def load_checkpoint(path: str) -> Tuple[dict, object]:
+  """(params, cfg) from a file written by `python -m weights.convert`, for any backbone (cfg is a
+  CLIPConfig or a Dinov2Config); refuses a wrong file naming what is wrong."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   cfg = read_config(path)

@@ -165,12 +165,14 @@ class FiSeConfig:
     if self.pair_chunk < 1:
       raise ConfigError("pair_chunk", f"{self.pair_chunk}; expected >= 1")
 
-  def check_model(self, depth: int, patch_size: int) -> None:
-    """Raise ConfigError where the knobs do not fit a backbone of `depth` blocks and patch size."""
-    if max(self.feature_layers) > depth:
+  def check_model(self, depth: int, patch_size: int, feature_layers: bool = True,
+                  proxy_layer: bool = True) -> None:
+    """Raise ConfigError where the knobs do not fit a backbone of `depth` blocks and patch size
+    (feature_layers / proxy_layer False: a tower FiCLIP, resp. SeCLIP, does not read)."""
+    if feature_layers and max(self.feature_layers) > depth:
       raise ConfigError("feature_layers", f"{list(self.feature_layers)}; the model has {depth} "
                         f"blocks: expected values in 1..{depth}")
-    if self.proxy_layer > depth:
+    if proxy_layer and self.proxy_layer > depth:
       raise ConfigError("proxy_layer", f"{self.proxy_layer}; the model has {depth} blocks")
     if self.image_size % patch_size:
       raise ConfigError("image_size", f"{self.image_size} is not a multiple of the patch size "

@@ -1,8 +1,9 @@
-"""Convert a checkpoint to this project's safetensors format (`fiseclip-convert`, DESIGN.md §2).
+"""Convert a checkpoint to this project's safetensors format (`fiseclip-convert`, DESIGN.md §2, §10).
 
 SRC is one of
-  * a Hugging Face CLIP folder (`config.json` with `model.safetensors`, `pytorch_model.bin` or the old
-    `flax_model.msgpack`), e.g. a download of `openai/clip-vit-large-patch14-336`;
+  * a Hugging Face folder (`config.json` with `model.safetensors`, `pytorch_model.bin` or the old
+    `flax_model.msgpack`) of any registered backbone: a CLIPModel (e.g. a download of
+    `openai/clip-vit-large-patch14-336`) or a Dinov2Model (`facebook/dinov2-large`);
   * an OpenAI checkpoint `.pt` (TorchScript archive such as `ViT-L-14-336px.pt`, or a plain state
     dict), q/k/v packed in `in_proj_weight`, fp16;
   * an open_clip state dict (`.pt`/`.bin`/`.safetensors`, OpenAI key names, maybe under
@@ -23,8 +24,8 @@ import numpy as np
 from absl import logging
 
 from fiseclip_jax.checkpoint import CheckpointError, check_params, flatten
+from fiseclip_jax import registry
 from fiseclip_jax.clip import convert as clip_convert
-from fiseclip_jax.config import CLIPConfig
 
 StateDict = Dict[str, np.ndarray]
 
@@ -68,11 +69,26 @@ def _read_msgpack(path: str) -> StateDict:
     raise CheckpointError(f"{path}: expected a params tree, found {type(tree).__name__}")
   if set(tree) == {"params"} and isinstance(tree["params"], dict):   # {"params": ...} variables
     tree = tree["params"]
-  return {k: np.asarray(v, np.float32) for k, v in flatten(tree).items()}
+  return flax_to_torch_names({k: np.asarray(v, np.float32) for k, v in flatten(tree).items()})
+
+
+def flax_to_torch_names(sd: StateDict) -> StateDict:
+  """An old transformers Flax model's params ('/'-joined; kernels (in, out), conv HWIO) under the
+  PyTorch model's names and layouts, so one mapping per backbone serves both."""
+  renamed = {}
+  for k, v in sd.items():
+    base, _, leaf = k.replace("/", ".").rpartition(".")
+    if leaf == "kernel":
+      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T        # back to torch layout
+    if leaf in ("kernel", "scale", "embedding"):
+      leaf = "weight"
+    renamed[f"{base}.{leaf}" if base else leaf] = v
+  return renamed
 
 
 def read_source(src: str, *, trust_torchscript: bool = False) -> Tuple[StateDict, str, dict, str]:
-  """(state dict, layout in {"hf", "hf_flax", "openai"}, HF config or {}, weights file).
+  """(state dict, layout "hf" (torch names, any backbone's folder) or "openai", HF config or {},
+  weights file).
 
   trust_torchscript: load TorchScript archives with torch.jit.load, which runs code stored in the
   file (only for archives from a trusted source); by default their tensors are read without it.
@@ -80,7 +96,7 @@ def read_source(src: str, *, trust_torchscript: bool = False) -> Tuple[StateDict
   if os.path.isdir(src):
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
-      raise CheckpointError(f"{src}: a Hugging Face CLIP folder needs config.json")
+      raise CheckpointError(f"{src}: a Hugging Face model folder needs config.json")
     try:
       with open(cfg_path, encoding="utf-8") as f:
         hf_config = json.load(f)
@@ -88,13 +104,11 @@ def read_source(src: str, *, trust_torchscript: bool = False) -> Tuple[StateDict
       raise CheckpointError(f"{cfg_path}: not a readable JSON config: {e}") from e
     if not isinstance(hf_config, dict):
       raise CheckpointError(f"{cfg_path}: expected a JSON object, found {type(hf_config).__name__}")
-    if "vision_config" not in hf_config or "text_config" not in hf_config:
-      raise CheckpointError(f"{cfg_path}: not a CLIPModel config (model_type={hf_config.get('model_type')!r}, "
-                            "no vision_config/text_config)")
+    registry.for_hf_config(hf_config, cfg_path)          # a backbone this library converts
     read_torch = lambda p: _read_torch(p, trust_torchscript)  # noqa: E731
     for name, reader, layout in (("model.safetensors", _read_safetensors, "hf"),
                                  ("pytorch_model.bin", read_torch, "hf"),
-                                 ("flax_model.msgpack", _read_msgpack, "hf_flax")):
+                                 ("flax_model.msgpack", _read_msgpack, "hf")):
       path = os.path.join(src, name)
       if os.path.isfile(path):
         return reader(path), layout, hf_config, path
@@ -111,8 +125,8 @@ def read_source(src: str, *, trust_torchscript: bool = False) -> Tuple[StateDict
 
 
 def convert(src: str, vision_heads: Optional[int] = None, text_heads: Optional[int] = None, *,
-            trust_torchscript: bool = False) -> Tuple[dict, CLIPConfig, str]:
-  """(params, cfg, weights file) from any supported source.
+            trust_torchscript: bool = False) -> Tuple[dict, object, str]:
+  """(params, cfg, weights file) from any supported source (cfg: the backbone's config).
 
   OpenAI / open_clip files do not store head counts: they are taken as width // 64 (right for
   every OpenAI model); pass vision_heads / text_heads for others (open_clip ViT-H/14: 16).
@@ -128,9 +142,8 @@ def convert(src: str, vision_heads: Optional[int] = None, text_heads: Optional[i
                    path, cfg.vision_heads, cfg.text_heads)
       params = clip_convert.openai_to_params(sd, cfg, path)
     else:
-      cfg = clip_convert.config_from_hf(hf_config, os.path.join(src, "config.json"))
-      fn = clip_convert.hf_to_params if layout == "hf" else clip_convert.hf_flax_to_params
-      params = fn(sd, cfg, path)
+      where = os.path.join(src, "config.json")
+      params, cfg = registry.for_hf_config(hf_config, where).from_hf(hf_config, sd, where, path)
   except KeyError as e:
     raise CheckpointError(f"{path}: missing key {e} needed to read the architecture") from e
   check_params(flatten(params), cfg, path)          # e.g. config.json disagrees with the tensors

@@ -252,3 +252,17 @@ def feature_steps(layer_tokens: Array, grid: Tuple[int, int], r_list: Tuple[int,
   if loop == "layer":
     return maps.transpose(1, 0, 2, 3, 4)
   return maps.reshape(len(r_list) * n_layers, 1, b, h * w, c)
+
+
+def lnamd_flops(b: int, n: int, c: int, r_list, n_layers: int) -> float:
+  """Element-wise work of every LNAMD map of a batch (approximate: LayerNorm ~8 per value, the
+  r x r window r^2)."""
+  return b * n * c * sum(8.0 + r * r for r in r_list) * n_layers
+
+
+def matching_flops(b: int, n: int, c: int, n_maps: int, n_external: int = 0,
+                   batch_pairs: bool = True) -> float:
+  """One N x N x C matmul per pair and map: each unordered batch pair once, each (slot, external
+  reference) pair once, over all filtering steps."""
+  pairs = (b * (b - 1) / 2 if batch_pairs else 0) + b * n_external
+  return pairs * n_maps * 2.0 * n * n * c

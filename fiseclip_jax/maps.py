@@ -61,3 +61,8 @@ def pixel_maps(patch_map: jax.Array, out_hw, sigma: float) -> jax.Array:
   kh = jnp.asarray(upsample_smooth_matrix(h, out_hw[0], sigma))
   kw = jnp.asarray(upsample_smooth_matrix(w, out_hw[1], sigma))
   return jnp.einsum("ah,bhw,cw->bac", kh, patch_map.astype(jnp.float32), kw, precision="highest")
+
+
+def flops(b: int, grid: int, size: int) -> float:
+  """The two separable matrix products of `pixel_maps` for a batch of square maps."""
+  return b * 2.0 * (grid * grid * size + grid * size * size)

@@ -16,6 +16,23 @@ from fiseclip_jax import data, references, sharding
 from fiseclip_jax.data import Batch, BadInputError, Sample
 
 
+class Model(NamedTuple):
+  """The towers a run scores with: a text-aligned one (CLIP) and/or FiCLIP's own (DINOv2)."""
+  params: dict
+  cfg: object                    # CLIPConfig, or a Dinov2Config alone (FiCLIP only)
+  fi_params: Optional[dict] = None
+  fi_cfg: Optional[object] = None
+
+  @property
+  def has_text(self) -> bool:
+    from fiseclip_jax import registry
+    return registry.for_config(self.cfg).hooks is not None
+
+  def kwargs(self) -> dict:
+    """The FiCLIP tower as the keyword arguments of the pipeline's entry points."""
+    return {"fi_params": self.fi_params, "fi_cfg": self.fi_cfg}
+
+
 class BatchResult(NamedTuple):
   """Host copies of one batch's results; rows of slots that are not queries are meaningless."""
   batch: Batch
@@ -147,7 +164,7 @@ def _host_results(out, round_batches, round_query, stacked: bool = True) -> List
           for j, (b, q) in enumerate(zip(round_batches, round_query))]
 
 
-def score_samples(samples: Sequence[Sample], *, params, cfg, conf, text, mesh, batch_size: int,
+def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, batch_size: int,
                   indices: Optional[Sequence[int]] = None, bank=None,
                   top_up_pool: Optional[Sequence[Sample]] = None, with_masks: bool = False,
                   keep_maps: bool = False, skip_bad_images: bool = False,
@@ -181,7 +198,8 @@ def score_samples(samples: Sequence[Sample], *, params, cfg, conf, text, mesh, b
       roles.append(_roles(b, reference))
     stacked = references.Roles(*(np.stack(x) for x in zip(*roles)))
     images, stacked = sharding.pad_round(np.stack([b.images for b in round_batches]), stacked, n_dev)
-    out = sharding.detect_round(mesh, params, cfg, conf, images, stacked, text, bank)
+    out = sharding.detect_round(mesh, model.params, model.cfg, conf, images, stacked, text, bank,
+                                **model.kwargs())
     results = _host_results(out, round_batches, [r.query for r in roles])
     for r in results:
       collect.add(r)
@@ -203,7 +221,7 @@ def score_samples(samples: Sequence[Sample], *, params, cfg, conf, text, mesh, b
   return collect.result(size, skipped)
 
 
-def score_stream_samples(samples: Sequence[Sample], *, params, cfg, conf, text, batch_size: int,
+def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text, batch_size: int,
                          bank_size: int, indices: Optional[Sequence[int]] = None,
                          skip_bad_images: bool = False,
                          on_batch: Optional[Callable[[BatchResult], None]] = None,
@@ -217,14 +235,15 @@ def score_stream_samples(samples: Sequence[Sample], *, params, cfg, conf, text, 
   skipped: List[str] = []
   on_skip = _skip_recorder(skipped, on_skip)
   collect = _Collector(keep_maps, False)
-  ring = pipeline.empty_stream(cfg, conf, bank_size)
+  ring = pipeline.empty_stream(model.cfg, conf, bank_size, fi_cfg=model.fi_cfg)
   position = 0          # stream position: readable images in order (skipped ones take none)
   done = 0
   for b in data.iter_batches(samples, batch_size, conf.image_size, with_masks=False,
                              skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices):
     n = int(b.valid.sum())
     roles = _roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
-    out, ring = pipeline.score_stream(params, cfg, conf, b.images, roles, text, ring)
+    out, ring = pipeline.score_stream(model.params, model.cfg, conf, b.images, roles, text, ring,
+                                      **model.kwargs())
     position += n
     r = _host_results(out, [b], [roles.query], stacked=False)[0]
     collect.add(r)

@@ -1,8 +1,8 @@
 """Scale out with JAX's own SPMD: a `data` mesh over devices, whole batches per device.
 
-A round is `n_devices` independent batches stacked on a leading axis and sharded along it; params
-and text features are replicated. Each device scores whole batches, so there is no communication
-inside `detect`. Multi-host: `initialize()` calls `jax.distributed.initialize`, each process scores
+A round is `n_devices` independent batches stacked on a leading axis and sharded along it; params,
+text features and a bank are replicated. Each device scores whole batches (`shard_map`), so there is
+no communication inside a round. Multi-host: `initialize()` calls `jax.distributed.initialize`, each process scores
 its own share of the batches on its local devices, and `gather_rows` collects results on every
 process (process 0 writes files).
 """
@@ -12,11 +12,13 @@ import functools
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fiseclip_jax.config import CLIPConfig, FiSeConfig
-from fiseclip_jax.pipeline import DetectResult, _detect, resolve_attention
+from fiseclip_jax.config import FiSeConfig
+from fiseclip_jax.pipeline import DetectResult, Params, Spec, detect_batch, make_spec
 from fiseclip_jax.references import Roles
 
 
@@ -35,24 +37,25 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=16)
-def round_fn(mesh: Mesh, cfg: CLIPConfig, conf: FiSeConfig, attention_impl: str,
-             with_bank: bool = False):
-  """jit(vmap(detect)) over (n, B, ...) batches sharded on "data"; params, text, bank replicated.
+def round_fn(mesh: Mesh, spec: Spec, with_bank: bool = False):
+  """One batch per device: `pipeline.detect_batch` over (n, B, ...) batches sharded on "data".
 
-  Called as fn(params, images, roles, text, bank) (bank None unless with_bank).
+  Written with `shard_map`, so what runs on a device is stated in code: its own batch, against
+  replicated params, text and bank, with no collective (an image is only compared with its batch
+  and the bank; DESIGN.md §11). Called as fn(params, images, roles, text, bank).
   """
-  data = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  per_batch = lambda params, images, roles, text, bank: _detect(params, cfg, conf, images, roles, text,
-                                                                bank, attention_impl)
-  fn = jax.vmap(per_batch, in_axes=(None, 0, 0, None, None))
-  bank_sharding = replicated if with_bank else None
-  return jax.jit(fn, in_shardings=(replicated, data, data, replicated, bank_sharding),
-                 out_shardings=data)
+  def per_device(params, images, roles, text, bank):         # images (1, B, ...): this device's
+    one = lambda p, i, r: detect_batch(spec, p, i, r, text, bank)
+    return jax.vmap(one, in_axes=(None, 0, 0))(params, images, roles)
+
+  data, rep = P("data"), P()
+  fn = shard_map(per_device, mesh=mesh, in_specs=(rep, data, data, rep, rep), out_specs=data,
+                 check_vma=False)
+  return jax.jit(fn)
 
 
-def detect_round(mesh: Mesh, params, cfg: CLIPConfig, conf: FiSeConfig, images: np.ndarray,
-                 roles, text, bank=None) -> DetectResult:
+def detect_round(mesh: Mesh, params, cfg, conf: FiSeConfig, images: np.ndarray, roles, text,
+                 bank=None, *, fi_params=None, fi_cfg=None) -> DetectResult:
   """Score n_devices batches at once: images (n, B, S, S, 3), roles (n, B) -> outputs (n, B, ...).
 
   roles: a `Roles` of (n, B) arrays, or one (n, B) bool `valid` (query = reference = valid).
@@ -64,10 +67,19 @@ def detect_round(mesh: Mesh, params, cfg: CLIPConfig, conf: FiSeConfig, images: 
   if not isinstance(roles, Roles):
     valid = np.asarray(roles, bool)
     roles = Roles(valid, valid, np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape))
-  fn = round_fn(mesh, cfg, conf, resolve_attention(conf), bank is not None)
+  spec = make_spec(cfg, conf, fi_cfg)
+  fn = round_fn(mesh, spec, bank is not None)
   data = NamedSharding(mesh, P("data"))
   roles = Roles(*(jax.device_put(np.asarray(x), data) for x in roles))
-  return fn(params, jax.device_put(images, data), roles, text, bank)
+  text = jnp.zeros((2, 1), jnp.float32) if text is None else text
+  return fn(Params(*(_split_params(spec, params, fi_params))), jax.device_put(images, data), roles,
+            text, bank)
+
+
+def _split_params(spec: Spec, params, fi_params):
+  if spec.has_text:
+    return params, (fi_params if spec.fi_model is not None else None)
+  return None, params
 
 
 def pad_round(images: np.ndarray, roles, n: int):

@@ -1,7 +1,16 @@
-"""Shared test set-up: float32 matmuls at full precision, the shared data folder, a random HF CLIP."""
+"""Shared test set-up: float32 matmuls at full precision, a compilation cache shared with the
+programs the tests start, the shared data folder, a random HF CLIP."""
+import os
+import tempfile
 from pathlib import Path
 
-import jax
+# Many tests run the programs as a user does, each a new process compiling the same small models:
+# JAX's persistent compilation cache (one per test session) lets the later ones skip XLA.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fiseclip-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402  (after the cache variables, which JAX reads when it starts)
 import numpy as np
 import pytest
 

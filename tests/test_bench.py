@@ -1,4 +1,5 @@
-"""Smoke tests of eval/bench.py: a tiny model end to end, in process and as the command line.
+"""Smoke tests of the benchmark (fiseclip-bench, eval/bench.py): a tiny model end to end, in process
+and as the command line.
 
 No wall-clock assertions: only that every stage ran and reported finite, positive numbers.
 """
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from eval import bench
+import fiseclip_jax as fj
+from fiseclip_jax import pipeline, timing
+from fiseclip_jax.cli import bench, bench_torch, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 56
@@ -28,8 +31,8 @@ def positive(x):
 
 def check_stage_rows(rows, batch=2, dtype="float32"):
   by_stage = {r["stage"]: r for r in rows if r.get("batch") == batch and r.get("dtype") == dtype}
-  assert set(bench.STAGES) <= set(by_stage), sorted(by_stage)
-  for name in bench.STAGES:
+  assert set(pipeline.STAGES) <= set(by_stage), sorted(by_stage)
+  for name in pipeline.STAGES:
     r = by_stage[name]
     assert "error" not in r, r
     missing = set(ROW_KEYS) - set(r)
@@ -45,11 +48,16 @@ def check_stage_rows(rows, batch=2, dtype="float32"):
 
 def test_analytic_flops_match_the_issue_figures():
   cfg, conf = bench.model_configs("vit_l14_336", 518)
-  assert 0.95e12 < bench.tower_flops(cfg, 518) < 1.1e12                      # ~1.0 TFLOP/image
-  per_image = bench.matching_flops(cfg, conf, 518, 16) / 16
-  assert 0.33e12 < per_image < 0.36e12                                        # ~0.35 TFLOP/image
-  flops = bench.stage_flops(cfg, conf, 518, 16)
-  assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in bench.STAGES[:-1]))
+  assert 0.95e12 < fj.clip.tower_flops(cfg, 518) < 1.1e12                    # ~1.0 TFLOP/image
+  flops = pipeline.stage_flops(fj.make_spec(cfg, conf), 518, 16)
+  assert 0.33e12 < flops["mutual_filtering"] / 16 < 0.36e12                  # ~0.35 TFLOP/image
+  assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in pipeline.STAGES[:-1]))
+  # A bank of 16 adds 16 one-way pairs per image; bank-only scoring drops the batch's pairs.
+  both = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="both")), 518, 16, 16)
+  bank = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="bank")), 518, 16, 16)
+  pair = flops["mutual_filtering"] / (16 * 15 / 2)
+  assert both["mutual_filtering"] == pytest.approx(pair * (16 * 15 / 2 + 16 * 16))
+  assert bank["mutual_filtering"] == pytest.approx(pair * 16 * 16)
 
 
 def test_model_configs_reject_bad_sizes():
@@ -59,22 +67,27 @@ def test_model_configs_reject_bad_sizes():
 
 def test_bench_rows_in_process():
   cfg, conf = bench.model_configs("tiny", SIZE)
-  params = bench.fj.init_params(cfg, 0)
+  params = fj.init_params(cfg, 0)
   rows = bench.bench_rows(params, cfg, conf, 2, repeats=1, peak=1.0)
   check_stage_rows(rows)
-  if bench.torch_available():
+  refs = {r["stage"]: r for r in bench.reference_rows(params, cfg, conf, 2, 3, repeats=1, peak=1.0)}
+  assert set(refs) == set(bench.REFERENCE_STAGES)
+  assert refs["bank_features"]["batch"] == 3 and refs["end_to_end_bank"]["batch"] == 2
+  for r in refs.values():
+    assert positive(r["ms_per_image"]) and positive(r["flops_analytic"]), r
+  if bench_torch.torch_available():
     images, _, _ = bench.random_inputs(cfg, 2, SIZE)
-    model = bench.torch_tower(cfg, "float32", "cpu")
-    rows.append(bench.torch_row(model, images, "float32", "cpu", 2, 1e6, 1.0, 1))
-    bench.compare_torch(rows)
+    model = bench_torch.torch_tower(cfg, "float32", "cpu")
+    rows.append(bench_torch.torch_row(model, images, "float32", "cpu", 2, 1e6, 1.0, 1))
+    bench_torch.compare_torch(rows)
     enc = next(r for r in rows if r["stage"] == "encoder")
     assert positive(enc["torch_ms_per_image"]) and positive(enc["jax_over_torch"])
   table = io.StringIO()
-  result = {"machine": bench.machine(), "versions": bench.versions(), "date": "today",
+  result = {"machine": timing.machine(), "versions": runtime.versions(), "date": "today",
             "peak": {"tflops": {"float32": 1.0}, "source": "test"}, "rows": rows}
   bench.print_table(result, file=table)
   text = table.getvalue()
-  for name in bench.STAGES:
+  for name in pipeline.STAGES:
     assert name in text
 
 
@@ -106,7 +119,8 @@ def test_command_line_writes_complete_json(tmp_path):
     assert name in res["versions"]
   assert positive(res["peak"]["tflops"]["float32"])
   stages = check_stage_rows(res["rows"])
-  if bench.torch_available():
+  assert {"bank_features", "end_to_end_bank", "stream_step"} <= {r["stage"] for r in res["rows"]}
+  if bench_torch.torch_available():
     torch_rows = [r for r in res["rows"] if r["stage"] == "torch_tower"]
     assert len(torch_rows) == 1 and positive(torch_rows[0]["ms_per_image"])
     assert positive(stages["encoder"]["jax_over_torch"])

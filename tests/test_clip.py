@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
-from fiseclip_jax.clip.model import _encode_image
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
@@ -102,31 +101,37 @@ def test_logit_scale_read_from_checkpoint(converted):
   assert abs(float(fj.logit_scale(params)) - float(model.logit_scale.detach().exp())) < 1e-4
 
 
-def test_encode_image_compiles_once_per_shape():
+def count_traces(monkeypatch):
+  """Calls of the tower's patch embedding while tracing: one per compile of anything using it."""
+  from fiseclip_jax.clip import model
+  traces = []
+  embed = model.embed_patches
+  monkeypatch.setattr(model, "embed_patches", lambda *a: (traces.append(1), embed(*a))[1])
+  return traces
+
+
+def test_encode_image_compiles_once_per_shape(monkeypatch):
   cfg = fj.CLIPConfig.tiny()
   params = fj.init_params(cfg, 0)
-  traces = []
-  fn = jax.jit(lambda p, x: (traces.append(1), _encode_image(p, cfg, x, (1, 2, 4), 2, "mean", "layer", "float32", None))[1])
+  traces = count_traces(monkeypatch)
+  enc = lambda x: fj.encode_image(params, cfg, x, feature_layers=(1, 2, 4), proxy_layer=2)
   for seed in range(3):
-    fn(params, jnp.full((2, 56, 56, 3), float(seed)))
-  assert len(traces) == 1
-  fn(params, jnp.zeros((2, 70, 70, 3)))
-  assert len(traces) == 2
-  # The library's own jit: same shape, new values -> cached.
-  fj.encode_image(params, cfg, jnp.ones((2, 56, 56, 3)), feature_layers=(1, 2, 4), proxy_layer=2)
-  before = fj.clip.model._encode_image_jit._cache_size()
-  fj.encode_image(params, cfg, jnp.zeros((2, 56, 56, 3)), feature_layers=(1, 2, 4), proxy_layer=2)
-  assert fj.clip.model._encode_image_jit._cache_size() == before
+    enc(jnp.full((2, 56, 56, 3), float(seed)))
+  assert len(traces) == 1                      # same shape, new values: cached
+  enc(jnp.zeros((2, 70, 70, 3)))
+  assert len(traces) == 2                      # a new shape compiles once more
 
 
 def test_block_stack_traced_once_per_segment():
   """The 24-block stack is a few scans, not 24 unrolled blocks."""
   cfg = fj.CLIPConfig.tiny(vision_layers=24)
   params = fj.init_params(cfg, 0)
-  jaxpr = jax.make_jaxpr(lambda p, x: _encode_image(p, cfg, x, (6, 12, 18, 24), 12, "mean", "layer", "float32", None))(
+  conf = fj.FiSeConfig(image_size=56, feature_layers=(6, 12, 18, 24), proxy_layer=12)
+  spec = fj.make_spec(cfg, conf)
+  jaxpr = jax.make_jaxpr(lambda p, x: fj.pipeline.encode(spec, fj.pipeline.Params(p, None), x))(
       params, jnp.zeros((1, 56, 56, 3)))
   text = str(jaxpr)
-  assert text.count("scan[") <= 7    # 6 block segments + the chunked SeCLIP proxy block
+  assert text.count("scan[") <= 6    # block segments ending at 6, 11, 12, 18, 23, 24
   # One dot_general per q/k/v/out/fc1/fc2 inside each scan body; nowhere near 24 * 6 in total.
   assert text.count("dot_general") < 80
 

@@ -237,8 +237,22 @@ def test_cli_output_and_metadata(sources, reference, converted_file):
   import hashlib
   assert meta["source_sha256"] == hashlib.sha256(Path(src_file).read_bytes()).hexdigest()
   assert meta["source"] == "model.safetensors"
-  assert fj.CLIPConfig.from_dict(json.loads(meta["clip_config"])) == reference[1]
+  assert meta["format"] == "fiseclip_jax/2" and meta["backbone"] == "clip"
+  assert fj.CLIPConfig.from_dict(json.loads(meta["config"])) == reference[1]
   params, cfg = fj.load_checkpoint(converted_file)
+  assert cfg == reference[1]
+  assert_params_equal(params, reference[0])
+
+
+def test_first_format_files_still_load(converted_file, reference, tmp_path):
+  """Checkpoints written before backbones were a table (format 1, CLIP only, "clip_config")."""
+  from safetensors.numpy import load_file, save_file
+  meta = read_metadata(converted_file)
+  old = {"format": "fiseclip_jax/1", "clip_config": meta["config"], "source": meta["source"],
+         "source_sha256": meta["source_sha256"]}
+  path = str(tmp_path / "v1.safetensors")
+  save_file(load_file(converted_file), path, metadata=old)
+  params, cfg = fj.load_checkpoint(path)
   assert cfg == reference[1]
   assert_params_equal(params, reference[0])
 
@@ -339,9 +353,9 @@ def test_misshaped_key(converted_file, tmp_path):
 def test_config_of_another_architecture(converted_file, tmp_path):
   from safetensors.numpy import load_file, save_file
   meta = read_metadata(converted_file)
-  cfg = json.loads(meta["clip_config"])
+  cfg = json.loads(meta["config"])
   cfg.update(vision_layers=6, vision_width=96)
-  meta["clip_config"] = json.dumps(cfg)
+  meta["config"] = json.dumps(cfg)
   bad = str(tmp_path / "wrong_arch.safetensors")
   save_file(load_file(converted_file), bad, metadata=meta)
   msg = raises(fj.load_checkpoint, bad)
@@ -352,11 +366,11 @@ def test_config_of_another_architecture(converted_file, tmp_path):
 def test_bad_config_metadata(converted_file, tmp_path):
   from safetensors.numpy import load_file, save_file
   meta = read_metadata(converted_file)
-  meta["clip_config"] = json.dumps({"vision_width": 128, "heads": 3})
+  meta["config"] = json.dumps({"vision_width": 128, "heads": 3})
   bad = str(tmp_path / "bad_meta.safetensors")
   save_file(load_file(converted_file), bad, metadata=meta)
   msg = raises(fj.load_checkpoint, bad)
-  assert bad in msg and "clip_config" in msg and "heads" in msg
+  assert bad in msg and "config" in msg and "heads" in msg
 
 
 def test_truncated_msgpack(sources, tmp_path):

@@ -339,8 +339,8 @@ def test_next_batches_are_decoded_while_the_caller_works(tmp_path, monkeypatch):
   for i in range(12):
     _rgb(tmp_path / f"{i:02d}.png")
   decoded = []
-  real = loader._decode
-  monkeypatch.setattr(loader, "_decode", lambda s, **kw: decoded.append(s) or real(s, **kw))
+  real = loader.read_rgb
+  monkeypatch.setattr(loader, "read_rgb", lambda path: decoded.append(path) or real(path))
   batches = fd.iter_batches(fd.folder_samples(tmp_path), 2, S, num_workers=2, prefetch_batches=2)
   next(batches)
   deadline = time.monotonic() + 5.0

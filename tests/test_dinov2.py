@@ -20,7 +20,6 @@ import pytest
 from fiseclip_jax.checkpoint import CheckpointError
 from fiseclip_jax.dinov2 import (Dinov2Config, config_from_hf, encode, final_layer_norm,
                                  hf_to_params, init_params, is_dinov2_config, param_shapes)
-from fiseclip_jax.dinov2.model import _encode
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
@@ -228,7 +227,8 @@ def test_random_tower_stays_informative():
 def test_blocks_traced_once_per_segment():
   cfg = Dinov2Config.tiny(layers=24)
   params = init_params(cfg, 0)
-  jaxpr = str(jax.make_jaxpr(lambda p, x: _encode(p, cfg, x, (6, 12, 18, 24), "float32", None))(
+  from fiseclip_jax.dinov2 import encode_streams
+  jaxpr = str(jax.make_jaxpr(lambda p, x: encode_streams(p, cfg, x, (6, 12, 18, 24), "float32", None))(
       params, jnp.zeros((1, 56, 56, 3))))
   assert jaxpr.count("scan[") == 4
   assert jaxpr.count("dot_general") < 40
@@ -270,4 +270,33 @@ def test_vit_l14_parity_at_518():
   errs = [max_err(out[i], ref[layer]) for i, layer in enumerate(layers)]
   print(f"\nbuild {t_build:.1f}s torch {t_torch:.1f}s jax {t_jax:.1f}s max abs err per layer "
         f"{dict(zip(layers, ['%.1e' % e for e in errs]))}")
+  assert max(errs) < TOL, errs
+
+
+def test_parity_through_the_converter_program_and_the_pipeline(hf_models, tmp_path):
+  """The user's path: `python -m weights.convert` on the save_pretrained folder, fj.load_checkpoint
+  (which returns a Dinov2Config), then fj.encode_image on OpenAI-normalized inputs (the loader's),
+  which the pipeline renormalizes to ImageNet's statistics for DINOv2. Non-native size 98x70."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  import fiseclip_jax as fj
+  from fiseclip_jax.data.preprocess import OPENAI_MEAN, OPENAI_STD
+  from fiseclip_jax.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+  _, _, model, folder = hf_models["gelu"]
+  out = tmp_path / "dinov2.safetensors"
+  p = subprocess.run([sys.executable, "-m", "weights.convert", f"--src={folder}", f"--out={out}"],
+                     cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  params, cfg = fj.load_checkpoint(str(out))
+  assert isinstance(cfg, Dinov2Config) and cfg.layers == 4
+  pixels = np.random.RandomState(3).rand(2, 98, 70, 3)                      # RGB in [0, 1]
+  imagenet = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  openai = ((pixels - OPENAI_MEAN) / OPENAI_STD).astype(np.float32)
+  ref, _ = hf_hidden_states(model, imagenet)
+  layers = (1, 2, 3, 4)
+  feats = fj.encode_image(params, cfg, openai, feature_layers=layers)
+  assert feats.cls_embed is None and feats.proxy_patch_embed is None
+  errs = [max_err(feats.layer_tokens[i], ref[layer]) for i, layer in enumerate(layers)]
   assert max(errs) < TOL, errs

@@ -11,7 +11,6 @@ import pytest
 
 import fiseclip_jax as fj
 import numpy_reference as ref
-from fiseclip_jax.pipeline import _detect
 
 TOL = 1e-4
 CFG = fj.CLIPConfig.tiny(vision_layers=4, width=32)
@@ -144,13 +143,21 @@ def test_vote_off_is_plain_mutual_scoring_plus_fusion(setup):
   np.testing.assert_allclose(np.asarray(out.patch_map).reshape(5, -1), fused, atol=1e-5)
 
 
-def test_class_change_does_not_recompile(setup):
+def count_traces(monkeypatch):
+  """Calls of the maps stage while tracing: one per compile of a scorer."""
+  traces = []
+  stage = fj.pipeline.maps_stage
+  monkeypatch.setattr(fj.pipeline, "maps_stage", lambda *a: (traces.append(1), stage(*a))[1])
+  return traces
+
+
+def test_class_change_does_not_recompile(setup, monkeypatch):
   params, images, text, _, conf = setup
-  fj.detect(params, CFG, conf, images, np.ones(5, bool), text)
-  size = fj.pipeline._detect_jit._cache_size()
+  traces = count_traces(monkeypatch)
+  fj.detect(params, CFG, conf.replace(sigma=3.0), images, np.ones(5, bool), text)
   other = fj.text_features(params, CFG, "metal nut", conf)
-  fj.detect(params, CFG, conf, images, np.ones(5, bool), other)
-  assert fj.pipeline._detect_jit._cache_size() == size
+  fj.detect(params, CFG, conf.replace(sigma=3.0), images, np.ones(5, bool), other)
+  assert len(traces) == 1
 
 
 def test_bfloat16_close_to_float32(setup):
@@ -180,8 +187,9 @@ def test_detect_traces_without_python_loops_over_images_pairs_or_layers(setup):
   params, _, text, _, conf = setup
   sizes = {}
   for b in (12, 24):
-    jaxpr = jax.make_jaxpr(lambda im, v: _detect(params, CFG, conf, im, fj.make_roles(v), text, None,
-                                                          "xla"))(
+    spec = fj.make_spec(CFG, conf)
+    jaxpr = jax.make_jaxpr(lambda im, v: fj.pipeline.detect_batch(
+        spec, fj.pipeline.Params(params, None), im, fj.make_roles(v), text, None))(
         jnp.zeros((b, 84, 84, 3)), jnp.ones((b,), bool))
     sizes[b] = len(_primitive_names(jaxpr.jaxpr))
   assert sizes[12] == sizes[24]

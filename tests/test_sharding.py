@@ -83,3 +83,28 @@ def test_pad_round_and_process_share():
   assert sharding.process_share(range(10), 1, 3) == [1, 4, 7]
   rows = np.arange(6).reshape(3, 2)
   np.testing.assert_array_equal(sharding.gather_rows(rows), rows)   # one process: unchanged
+
+
+def test_a_round_compiles_to_no_collective():
+  """Each device scores its own batch against replicated params (shard_map): the compiled round
+  holds no all-reduce, all-gather, all-to-all, reduce-scatter or collective-permute."""
+  code = """
+import numpy as np, jax, fiseclip_jax as fj
+from fiseclip_jax import pipeline, sharding
+cfg = fj.CLIPConfig.tiny()
+conf = fj.FiSeConfig(image_size=56, feature_layers=(1, 2, 3, 4), proxy_layer=2)
+mesh = sharding.make_mesh()
+spec = fj.make_spec(cfg, conf)
+p = pipeline.Params(sharding.replicate(fj.init_params(cfg, 0), mesh), None)
+n = mesh.devices.size
+ones = np.ones((n, 3), bool)
+roles = fj.Roles(ones, ones, np.zeros((n, 3), np.int32))
+hlo = sharding.round_fn(mesh, spec).lower(p, np.zeros((n, 3, 56, 56, 3), np.float32), roles,
+                                          np.zeros((2, cfg.embed_dim), np.float32), None).compile().as_text()
+print(n, [c for c in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute") if c in hlo])
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.split() == ["4", "[]"], p.stdout

@@ -23,28 +23,31 @@ _RESOLVED_LATER = {
 }
 
 
-def _define_knob(f: dataclasses.Field, choices_override: Optional[Sequence[str]] = None) -> None:
+def _define_knob(f: dataclasses.Field, choices_override: Optional[Sequence[str]] = None,
+                 flag_values: flags.FlagValues = FLAGS) -> None:
   name, default, meta = f.name, f.default, f.metadata
   help_text = meta["help"] + (" " + _RESOLVED_LATER[name] if name in _RESOLVED_LATER else "")
   if name in _RESOLVED_LATER:
     default = None
   choices = choices_override or meta.get("choices")
+  kw = dict(flag_values=flag_values)
   if choices is not None:
-    flags.DEFINE_enum(name, default, [c for c in choices if c is not None], help_text)
+    flags.DEFINE_enum(name, default, [c for c in choices if c is not None], help_text, **kw)
   elif isinstance(f.default, tuple):
-    flags.DEFINE_list(name, [str(x) for x in default], help_text)
+    flags.DEFINE_list(name, [str(x) for x in default], help_text, **kw)
   elif isinstance(f.default, bool):
-    flags.DEFINE_bool(name, default, help_text)
+    flags.DEFINE_bool(name, default, help_text, **kw)
   elif isinstance(f.default, int):
-    flags.DEFINE_integer(name, default, help_text)
+    flags.DEFINE_integer(name, default, help_text, **kw)
   else:                                      # float, or an optional float (default None)
-    flags.DEFINE_float(name, default, help_text)
+    flags.DEFINE_float(name, default, help_text, **kw)
 
 
-def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES) -> None:
+def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES,
+                        flag_values: flags.FlagValues = FLAGS) -> None:
   """One flag per FiSeConfig field (the references flag limited to `reference_modes`)."""
   for f in dataclasses.fields(FiSeConfig):
-    _define_knob(f, reference_modes if f.name == "references" else None)
+    _define_knob(f, reference_modes if f.name == "references" else None, flag_values)
 
 
 def _int_list(name: str, values) -> tuple:
@@ -54,11 +57,11 @@ def _int_list(name: str, values) -> tuple:
     raise UsageError(f"--{name} {','.join(values)}: expected comma-separated integers") from None
 
 
-def fise_config(backend: str, has_bank: bool) -> FiSeConfig:
+def fise_config(backend: str, has_bank: bool, flag_values: flags.FlagValues = FLAGS) -> FiSeConfig:
   """FiSeConfig from the parsed flags; compute dtype by backend and reference mode by bank."""
   kw = {}
   for f in dataclasses.fields(FiSeConfig):
-    value = getattr(FLAGS, f.name)
+    value = getattr(flag_values, f.name)
     if isinstance(f.default, tuple):
       value = _int_list(f.name, value)
     kw[f.name] = value
@@ -79,7 +82,10 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
   if with_data_root:
     f.DEFINE_string("data_root", None, f"{what} root folder.")
     f.DEFINE_list("categories", None, "Categories to run (default: all found).")
-  f.DEFINE_string("weights", None, "CLIP checkpoint converted with `python -m weights.convert`.")
+  f.DEFINE_string("weights", None, "CLIP checkpoint converted with `python -m weights.convert` (a "
+                  "DINOv2 one alone runs FiCLIP only).")
+  f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "
+                  "with `python -m weights.convert`); CLIP (--weights) keeps SeCLIP.")
   f.DEFINE_bool("random_weights", False, "Random weights instead of --weights (numbers are meaningless).")
   f.DEFINE_enum("model", "vit_l14_336", ["vit_l14_336", "demo"], "Architecture for --random_weights.")
   f.DEFINE_integer("batch_size", 16, "Images per batch (B): each image is scored against the others.")

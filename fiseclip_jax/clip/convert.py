@@ -101,19 +101,6 @@ def hf_to_params(sd: StateDict, cfg: CLIPConfig, where: str) -> dict:
   return params
 
 
-def hf_flax_to_params(sd: StateDict, cfg: CLIPConfig, where: str) -> dict:
-  """Old `FlaxCLIPModel` msgpack ('/'-joined keys, kernels already (in, out), conv HWIO)."""
-  renamed = {}
-  for k, v in sd.items():
-    base, _, leaf = k.replace("/", ".").rpartition(".")
-    if leaf == "kernel":
-      v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T        # back to torch layout
-    if leaf in ("kernel", "scale", "embedding"):
-      leaf = "weight"
-    renamed[f"{base}.{leaf}" if base else leaf] = v
-  return hf_to_params(renamed, cfg, where)
-
-
 def config_from_openai(sd: StateDict) -> CLIPConfig:
   """Infer the architecture from an OpenAI / open_clip state dict's shapes."""
   conv = sd["visual.conv1.weight"]                                  # (W, 3, p, p)
@@ -157,3 +144,15 @@ def openai_to_params(sd: StateDict, cfg: CLIPConfig, where: str) -> dict:
   return params
 
 
+
+
+def from_hf(hf_config: dict, sd: StateDict, config_file: str, weights_file: str):
+  """(params, cfg) of a Hugging Face CLIPModel from its config.json and state dict (errors name
+  the file at fault)."""
+  cfg = config_from_hf(hf_config, config_file)
+  return hf_to_params(sd, cfg, weights_file), cfg
+
+
+def is_hf_config(hf_config: dict) -> bool:
+  """A CLIPModel config.json (both towers)."""
+  return "vision_config" in hf_config and "text_config" in hf_config

@@ -1,8 +1,9 @@
 """CLIP ViT in Flax (linen): the residual block as a module, the towers as functions over params.
 
-Params are a plain pytree; each tower's blocks are stacked on a leading axis and run with
-`lax.scan`, so a 24-block tower traces one block per segment of the stack. The segments end at the
-blocks FiSeCLIP reads (feature layers, the proxy-attention layer, the last block's input).
+Params are a plain pytree; each tower's blocks are stacked on a leading axis and run as `lax.scan`
+segments (`vit.streams`) that end at the blocks whose output is read. The vision tower returns
+streams and the per-block hooks any text-aligned method can use (DESIGN.md §2, §10); nothing here
+is specific to SeCLIP.
 
   params = {"visual": {"patch_embed": {"kernel": (p, p, 3, W)}, "class_embedding": (W,),
                        "pos_embed": (1 + g*g, W), "ln_pre", "blocks": {...: (L, ...)}, "ln_post",
@@ -22,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiseclip_jax import vit
+from fiseclip_jax.backbone import Encoded
 from fiseclip_jax.clip.pos_embed import resample_pos_embed
 from fiseclip_jax.config import CLIPConfig
 
 Array = jax.Array
-PROXY_CHUNK = 8   # at most this many images per step of the SeCLIP proxy block (its attention is (b, H, T, T) float32)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -36,8 +38,8 @@ def quick_gelu(x: Array) -> Array:
 class Block(nn.Module):
   """Pre-LN transformer block of CLIP (attention then quick-gelu MLP, both residual).
 
-  Besides the forward pass it exposes the pieces SeCLIP needs: the q/k/v heads and attention
-  probabilities of this block, and its value/output path alone.
+  Besides the forward pass it exposes its pieces as hooks: the q/k/v heads of an input, and the
+  output projection of attention heads.
   """
   width: int
   heads: int
@@ -83,28 +85,6 @@ def block_for(cfg: CLIPConfig, tower: str, dtype=jnp.float32, attention_impl=Non
                  causal=False, dtype=dtype, attention_impl=attention_impl)
   return Block(cfg.text_width, cfg.text_heads, cfg.text_mlp, cfg.layer_norm_eps,
                causal=True, dtype=dtype, attention_impl=attention_impl)
-
-
-def layer_norm(p: dict, x: Array, eps: float) -> Array:
-  """LayerNorm with CLIP's eps, in float32, over a plain {"scale", "bias"} dict."""
-  x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def run_blocks(block: Block, stacked: dict, x: Array, start: int, stop: int) -> Array:
-  """Blocks [start, stop) (0-based) of a stacked block tree over x (B, T, W), as one scan."""
-  if stop <= start:
-    return x
-  sub = jax.tree.map(lambda a: a[start:stop], stacked)
-  x, _ = jax.lax.scan(lambda h, p: (block.apply({"params": p}, h), None), x, sub)
-  return x
-
-
-def block_params(stacked: dict, i: int) -> dict:
-  """Params of block i (0-based) of a stacked block tree."""
-  return jax.tree.map(lambda a: a[i], stacked)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,112 +135,76 @@ def init_params(cfg: CLIPConfig, seed: int = 0) -> dict:
 # Vision tower.
 
 
-class ImageFeatures(NamedTuple):
-  cls_embed: Array            # (B, D) ln_post(x[:, 0]) @ proj of the unmodified model
-  layer_tokens: Array         # (n_layers, B, 1 + HW, W) residual stream after each requested block
-  proxy_patch_embed: Array    # (B, HW, D) SeCLIP patch embeddings (not normalized)
-
-
 def embed_patches(visual: dict, cfg: CLIPConfig, images: Array, dtype) -> Array:
   """Images (B, S, S, 3) -> tokens (B, 1 + h*w, W) after ln_pre, position embedding resampled."""
-  b, hs, ws, _ = images.shape
   p = cfg.patch_size
-  if hs % p or ws % p:
-    raise ValueError(f"image side {hs}x{ws} is not a multiple of the patch size {p}")
-  h, w = hs // p, ws // p
-  x = images.reshape(b, h, p, w, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * 3)
+  h, w = images.shape[1] // p, images.shape[2] // p
+  x = vit.patchify(images, p)                                            # (B, h*w, p*p*3)
   kernel = visual["patch_embed"]["kernel"].reshape(p * p * 3, -1)       # HWIO -> (p*p*3, W)
   x = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-  cls = jnp.broadcast_to(visual["class_embedding"], (b, 1, x.shape[-1]))
+  cls = jnp.broadcast_to(visual["class_embedding"], (x.shape[0], 1, x.shape[-1]))
   x = jnp.concatenate([cls.astype(jnp.float32), x], axis=1)
   x = x + resample_pos_embed(visual["pos_embed"], cfg.grid, (h, w))
-  return layer_norm(visual["ln_pre"], x, cfg.layer_norm_eps)
+  return vit.layer_norm(visual["ln_pre"], x, cfg.layer_norm_eps)
 
 
 def project(ln_p: dict, proj: Array, x: Array, eps: float, dtype) -> Array:
   """ln then projection to the joint embedding space, float32 out."""
-  x = layer_norm(ln_p, x, eps)
+  x = vit.layer_norm(ln_p, x, eps)
   return jnp.dot(x.astype(dtype), proj.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def proxy_attention_probs(block: Block, bp: dict, x: Array, kind: str, heads: str) -> Array:
-  """Attention probabilities (B, H or 1, T, T) from `x` through block params `bp`.
+def encode(params: dict, cfg: CLIPConfig, images: Array, layers, compute_dtype: str = "float32",
+           attention_impl: Optional[str] = None) -> Encoded:
+  """One pass of the vision tower (un-jitted): the stream after each block of `layers` (1-based,
+  0 = after ln_pre), and the CLS embedding of the unmodified model, `ln_post(x_L[:, 0]) @ proj`.
 
-  kind "qk": the block's own q-k attention (the proxy layer); "vv" / "qq" / "kk": the
-  self-similarity of one projection (paper Table 5). heads "mean" averages over heads.
+  images: (B, H, W, 3) NHWC, OpenAI-normalized, sides multiples of the patch size.
   """
-  q, k, v = block.apply({"params": bp}, x, method=Block.qkv)               # (B, T, H, Dh)
-  a, b = {"qk": (q, k), "vv": (v, v), "qq": (q, q), "kk": (k, k)}[kind]
-  logits = jnp.einsum("bthd,bshd->bhts", a, b, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits * (a.shape[-1] ** -0.5), axis=-1)
-  return probs.mean(1, keepdims=True) if heads == "mean" else probs
-
-
-def proxy_block(block: Block, bp_last: dict, x_in: Array, probs: Array) -> Array:
-  """SeCLIP's modified last block: out_proj(A @ v(ln_1(x_in))), no residual, no MLP."""
-  _, _, v = block.apply({"params": bp_last}, x_in, method=Block.qkv)       # (B, T, H, Dh)
-  probs = jnp.broadcast_to(probs, (v.shape[0], v.shape[2]) + probs.shape[2:])
-  o = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return block.apply({"params": bp_last}, o.astype(v.dtype), method=Block.merge_out)
-
-
-def _encode_image(params, cfg: CLIPConfig, images, feature_layers, proxy_layer, proxy_heads,
-                  proxy_attention, compute_dtype, attention_impl) -> ImageFeatures:
-  dtype = jnp.dtype(compute_dtype)
   n = cfg.vision_layers
-  if not feature_layers or min(feature_layers) < 1 or max(feature_layers) > n:
-    raise ValueError(f"feature_layers {feature_layers} must lie in 1..{n}")
-  if not 1 <= proxy_layer <= n:
-    raise ValueError(f"proxy_layer {proxy_layer} must lie in 1..{n}")
+  if any(not 0 <= i <= n for i in layers):
+    raise ValueError(f"layers {tuple(layers)} must lie in 0..{n}")
+  dtype = jnp.dtype(compute_dtype)
   visual = params["visual"]
   block = block_for(cfg, "visual", dtype, attention_impl)
-  stacked = visual["blocks"]
-  # Segment ends (number of blocks done) at which the stream is read.
-  attn_at = proxy_layer - 1 if proxy_attention == "layer" else n - 1
-  ends = sorted(set(feature_layers) | {attn_at, n - 1})
   x = embed_patches(visual, cfg, images.astype(jnp.float32), dtype)
-  seen, done = {0: x}, 0
-  for end in ends:
-    x = run_blocks(block, stacked, x, done, end)
-    seen[end], done = x, end
-  x_last = run_blocks(block, stacked, x, done, n)
-  seen[n] = x_last
-  eps = cfg.layer_norm_eps
-  cls_embed = project(visual["ln_post"], visual["proj"], x_last[:, 0], eps, dtype)
-  kind = "qk" if proxy_attention == "layer" else proxy_attention
-  attn_block = proxy_layer - 1 if proxy_attention == "layer" else n - 1
-  bp_attn, bp_last = block_params(stacked, attn_block), block_params(stacked, n - 1)
-
-  def seclip_patches(xs):
-    """Proxy block for a few images: bounds the (b, H, T, T) attention probabilities in memory."""
-    x_attn, x_in = xs
-    probs = proxy_attention_probs(block, bp_attn, x_attn, kind, proxy_heads)
-    x_final = proxy_block(block, bp_last, x_in, probs)
-    return project(visual["ln_post"], visual["proj"], x_final[:, 1:], eps, dtype)
-
-  b = images.shape[0]
-  chunk = max(c for c in range(1, min(b, PROXY_CHUNK) + 1) if b % c == 0)   # divides B: no padding
-  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
-  proxy = jax.lax.map(seclip_patches, (split(seen[attn_at]), split(seen[n - 1])))
-  proxy = proxy.reshape(b, *proxy.shape[2:])
-  layer_tokens = jnp.stack([seen[i] for i in feature_layers])
-  return ImageFeatures(cls_embed, layer_tokens, proxy)
+  seen = vit.streams(block, visual["blocks"], x, set(layers) | {n})
+  cls_embed = project(visual["ln_post"], visual["proj"], seen[n][:, 0], cfg.layer_norm_eps, dtype)
+  return Encoded({i: seen[i] for i in layers}, cls_embed)
 
 
-_encode_image_jit = jax.jit(_encode_image, static_argnums=(1, 3, 4, 5, 6, 7, 8))
+# Hooks: per-block access to the vision tower (DESIGN.md §10); `block` is 1-based.
 
 
-def encode_image(params: dict, cfg: CLIPConfig, images: Array,
-                 feature_layers: Tuple[int, ...] = (6, 12, 18, 24), proxy_layer: int = 12,
-                 proxy_heads: str = "mean", proxy_attention: str = "layer",
-                 compute_dtype: str = "float32",
-                 attention_impl: Optional[str] = None) -> ImageFeatures:
-  """One pass over the vision tower for both FiSeCLIP branches (jit-compiled per shape/config).
+def block_qkv(params: dict, cfg: CLIPConfig, block: int, x: Array, compute_dtype: str = "float32"):
+  """q, k, v (each (B, T, H, Dh)) of block `block` on its input stream x (B, T, W)."""
+  mod = block_for(cfg, "visual", jnp.dtype(compute_dtype))
+  bp = vit.block_params(params["visual"]["blocks"], block - 1)
+  return mod.apply({"params": bp}, x, method=Block.qkv)
 
-  images: (B, S, S, 3) NHWC, OpenAI-normalized, S a multiple of the patch size.
-  """
-  return _encode_image_jit(params, cfg, images, tuple(feature_layers), int(proxy_layer),
-                           proxy_heads, proxy_attention, compute_dtype, attention_impl)
+
+def block_out(params: dict, cfg: CLIPConfig, block: int, heads: Array,
+              compute_dtype: str = "float32") -> Array:
+  """Block `block`'s output projection of attention heads (B, T, H, Dh) -> (B, T, W)."""
+  mod = block_for(cfg, "visual", jnp.dtype(compute_dtype))
+  bp = vit.block_params(params["visual"]["blocks"], block - 1)
+  return mod.apply({"params": bp}, heads.astype(jnp.dtype(compute_dtype)), method=Block.merge_out)
+
+
+def embed_tokens(params: dict, cfg: CLIPConfig, tokens: Array, compute_dtype: str = "float32") -> Array:
+  """The image embedding head on any tokens: ln_post then proj, (B, T, W) -> (B, T, D)."""
+  visual = params["visual"]
+  return project(visual["ln_post"], visual["proj"], tokens, cfg.layer_norm_eps, jnp.dtype(compute_dtype))
+
+
+def tower_flops(cfg: CLIPConfig, size: int) -> float:
+  """FLOPs per image of one vision pass at size x size (multiply-add = 2): patch embedding, every
+  block (2 * params per token * T + 4 T^2 W for attention), the CLS projection."""
+  g = size // cfg.patch_size
+  t, w, m = 1 + g * g, cfg.vision_width, cfg.vision_mlp
+  patch = 2.0 * g * g * 3 * cfg.patch_size ** 2 * w
+  blocks = cfg.vision_layers * (2.0 * t * (4 * w * w + 2 * w * m) + 4.0 * t * t * w)
+  return patch + blocks + 2.0 * w * cfg.embed_dim
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +217,7 @@ def _encode_text(params, cfg: CLIPConfig, ids, compute_dtype) -> Array:
   t = ids.shape[1]
   x = text["token_embed"][ids] + text["pos_embed"][:t]                   # (N, T, Wt)
   block = block_for(cfg, "text", dtype)
-  x = run_blocks(block, text["blocks"], x.astype(jnp.float32), 0, cfg.text_layers)
+  x = vit.run_blocks(block, text["blocks"], x.astype(jnp.float32), 0, cfg.text_layers)
   eot = x[jnp.arange(x.shape[0]), jnp.argmax(ids, axis=-1)]              # (N, Wt) EOT pooling
   return project(text["ln_final"], text["proj"], eot, cfg.layer_norm_eps, dtype)
 

@@ -1,6 +1,6 @@
 """Fixed-shape batches from a list of samples, decoded by a few threads ahead of the caller.
 
-Every batch has exactly `batch_size` slots (DESIGN.md section 5): the last one is padded with
+Every batch has exactly `batch_size` slots (DESIGN.md §8): the last one is padded with
 zeros and `valid=False`, so the jitted model compiles once. PIL releases the GIL while it decodes
 and resizes, so a small thread pool keeps the next batches ready while the accelerator works on
 the current one. The order of the output does not depend on thread timing.

@@ -1,8 +1,8 @@
 """Image and mask preprocessing: any PIL-readable file to CLIP's normalized NHWC float32 input.
 
-CLIP preprocessing as in DESIGN.md section 2: convert to RGB, resize to S x S with PIL bicubic
+CLIP preprocessing as in DESIGN.md §2: convert to RGB, resize to S x S with PIL bicubic
 (no crop), /255, normalize with the OpenAI mean and std. Every bad input raises `BadInputError`
-with a message that names the file(s) and what was expected (DESIGN.md section 9).
+with a message that names the file(s) and what was expected (DESIGN.md §13).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def load_mask(mask_path: PathLike, size: int, image_path: PathLike,
 
   Any non-zero value is defect (VisA stores class indices, MVTec 255). The mask must have its
   image's original (H, W) = `image_hw`; it is resized as a 0/1 float map with PIL bilinear, then
-  thresholded at 0.5 (DESIGN.md section 7).
+  thresholded at 0.5 (DESIGN.md §12).
   """
   what = f"mask (of image {os.fspath(image_path)})"
   img = _open_decoded(mask_path, what)

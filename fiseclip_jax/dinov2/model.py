@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiseclip_jax import vit
+from fiseclip_jax.backbone import Encoded
 from fiseclip_jax.clip.pos_embed import resample_pos_embed
 from fiseclip_jax.dinov2.config import IMAGENET_MEAN, IMAGENET_STD, Dinov2Config
 
@@ -89,23 +91,6 @@ class Block(nn.Module):
 def block_for(cfg: Dinov2Config, dtype=jnp.float32, attention_impl=None) -> Block:
   return Block(cfg.width, cfg.heads, cfg.mlp, cfg.use_swiglu_ffn, cfg.layer_norm_eps, dtype=dtype,
                attention_impl=attention_impl)
-
-
-def layer_norm(p: dict, x: Array, eps: float) -> Array:
-  """LayerNorm in float32 over a plain {"scale", "bias"} dict."""
-  x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def run_blocks(block: Block, stacked: dict, x: Array, start: int, stop: int) -> Array:
-  """Blocks [start, stop) (0-based) of a stacked block tree over x (B, T, W), as one scan."""
-  if stop <= start:
-    return x
-  sub = jax.tree.map(lambda a: a[start:stop], stacked)
-  x, _ = jax.lax.scan(lambda h, p: (block.apply({"params": p}, h), None), x, sub)
-  return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,12 +178,10 @@ def embed_patches(params: dict, cfg: Dinov2Config, images: Array, dtype) -> Arra
   which is what transformers' `Dinov2Embeddings.interpolate_pos_encoding` does; identity when the
   grid is the trained one.
   """
-  b, hs, ws, _ = images.shape
+  b = images.shape[0]
   p = cfg.patch_size
-  if hs % p or ws % p:
-    raise ValueError(f"image side {hs}x{ws} is not a multiple of the patch size {p}")
-  h, w = hs // p, ws // p
-  x = images.reshape(b, h, p, w, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * 3)
+  h, w = images.shape[1] // p, images.shape[2] // p
+  x = vit.patchify(images, p)                                         # (B, h*w, p*p*3)
   kernel = params["patch_embed"]["kernel"].reshape(p * p * 3, -1)     # HWIO -> (p*p*3, W)
   x = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
   x = x + params["patch_embed"]["bias"]                               # (B, h*w, W)
@@ -207,17 +190,20 @@ def embed_patches(params: dict, cfg: Dinov2Config, images: Array, dtype) -> Arra
   return x + resample_pos_embed(params["pos_embed"].astype(jnp.float32), cfg.grid, (h, w))
 
 
-def _encode(params, cfg: Dinov2Config, images, layers, compute_dtype, attention_impl) -> Array:
-  dtype = jnp.dtype(compute_dtype)
+def encode_streams(params: dict, cfg: Dinov2Config, images: Array, layers, compute_dtype="float32",
+                   attention_impl: Optional[str] = None) -> Encoded:
+  """The backbone contract's pass (un-jitted): the stream after each block of `layers` (0 = the
+  embeddings), only as deep as the deepest one; no image embedding (DINOv2 has no text space)."""
   n = cfg.layers
   if not layers or min(layers) < 0 or max(layers) > n:
-    raise ValueError(f"layers {layers} must lie in 1..{n} (0: the embeddings)")
-  block = block_for(cfg, dtype, attention_impl)
-  x = embed_patches(params, cfg, images.astype(jnp.float32), dtype)
-  seen, done = {0: x}, 0
-  for end in sorted(set(layers)):                  # one scan per segment, not one trace per block
-    x = run_blocks(block, params["blocks"], x, done, end)
-    seen[end], done = x, end
+    raise ValueError(f"layers {tuple(layers)} must lie in 1..{n} (0: the embeddings)")
+  block = block_for(cfg, jnp.dtype(compute_dtype), attention_impl)
+  x = embed_patches(params, cfg, images.astype(jnp.float32), jnp.dtype(compute_dtype))
+  return Encoded(vit.streams(block, params["blocks"], x, layers), None)
+
+
+def _encode(params, cfg: Dinov2Config, images, layers, compute_dtype, attention_impl) -> Array:
+  seen = encode_streams(params, cfg, images, layers, compute_dtype, attention_impl).streams
   return jnp.stack([seen[i] for i in layers])      # (n_layers, B, 1 + h*w, W)
 
 
@@ -238,10 +224,21 @@ def encode(params: dict, cfg: Dinov2Config, images: Array, layers: Tuple[int, ..
                      attention_impl)
 
 
+def tower_flops(cfg: Dinov2Config, size: int) -> float:
+  """FLOPs per image of a full pass at size x size (multiply-add = 2): patch embedding and every
+  block (q, k, v, out; the MLP, with SwiGLU's extra matrix; 4 T^2 W of attention)."""
+  g = size // cfg.patch_size
+  t, w, m = 1 + g * g, cfg.width, cfg.mlp
+  mlp = (3 if cfg.use_swiglu_ffn else 2) * w * m
+  return 2.0 * g * g * 3 * cfg.patch_size ** 2 * w + cfg.layers * (2.0 * t * (4 * w * w + mlp)
+                                                                    + 4.0 * t * t * w)
+
+
 def final_layer_norm(params: dict, cfg: Dinov2Config, tokens: Array) -> Array:
   """transformers' `layernorm` on tokens (..., W): last block's output -> `last_hidden_state`."""
-  return layer_norm(params["ln_final"], tokens, cfg.layer_norm_eps)
+  return vit.layer_norm(params["ln_final"], tokens, cfg.layer_norm_eps)
 
 
 __all__ = ["Block", "IMAGENET_MEAN", "IMAGENET_STD", "LAYERSCALE_INIT", "embed_patches", "encode",
-           "final_layer_norm", "init_params", "num_params", "param_shapes"]
+           "encode_streams", "final_layer_norm", "init_params", "num_params", "param_shapes",
+           "tower_flops"]

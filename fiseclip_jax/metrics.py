@@ -39,8 +39,12 @@ def image_metrics(labels, scores) -> Dict[str, float]:
 
 
 def pixel_metrics(masks, maps, pro_thresholds: int = 200, max_fpr: float = 0.3,
-                  pro_rescale: str = "minmax") -> Dict[str, float]:
+                  pro_rescale: str = "minmax", details: bool = False,
+                  max_points: int = 512) -> Dict[str, float]:
   """Pixel AUROC, F1-max, AP (all pixels of the category pooled) and AU-PRO.
+
+  details: instead {"metrics": those four, "f1_threshold": flag a pixel iff map >= it to get the
+  pixel F1-max, "curves": {"roc", "pr", "pro"} thinned to max_points} from the same sorts.
 
   Args:
     masks: (N, H, W) ground truth; any non-zero pixel is a defect.
@@ -83,17 +87,23 @@ def pixel_metrics(masks, maps, pro_thresholds: int = 200, max_fpr: float = 0.3,
     raise ValueError("maps contain NaN or inf")
   lo, hi = float(min(ends)), float(max(ends))
   t = _floor_to(lo + (hi - lo) / pro_thresholds * np.arange(pro_thresholds), maps.dtype)
-  aupro = _NAN
+  aupro, pro_curve = _NAN, None
   if pos.size and neg.size:
-    weights, n_regions = _region_weights(gt)
+    weights, n_regions = region_weights(gt)
     # Pixel p is predicted at t_k iff k < b_p = #{k: t_k < x_p}; so PRO_k sums the weights of b > k.
     hist = np.bincount(np.searchsorted(t, pos, "left"), weights=weights,
                        minlength=pro_thresholds + 1)
     pro = np.cumsum(hist[::-1])[::-1][1:] / n_regions
     fpr = (neg.size - np.searchsorted(neg, t, "right")) / neg.size
     aupro = _aupro(fpr, pro, max_fpr, pro_rescale)
+    pro_curve = _pro_curve(fpr, pro, max_fpr, pro_rescale)
   pos.sort()
-  return {**_curve_metrics(pos, neg), "aupro": aupro}
+  out = {**_curve_metrics(pos, neg, with_threshold=details), "aupro": aupro}
+  if details:
+    out = {"metrics": {k: out[k] for k in ("auroc", "f1_max", "ap", "aupro")},
+           "f1_threshold": out["f1_threshold"],
+           "curves": {**_curves(pos, neg, max_points), "pro": pro_curve}}
+  return out
 
 
 def _floats(x, name):
@@ -111,7 +121,7 @@ def _floor_to(t, dtype):
   return out
 
 
-def _region_weights(gt):
+def region_weights(gt):
   """1 / |region| for each defect pixel (in `maps[gt]` order) and the number of regions.
 
   Regions are 8-connected components of each image's mask, labelled image by image.
@@ -139,16 +149,31 @@ def _aupro(fpr, pro, max_fpr, rescale):
   return float(np.sum(np.diff(f) * (p[1:] + p[:-1])) / 2)
 
 
-def _curve_metrics(pos, neg):
+def _pro_curve(fpr, pro, max_fpr, rescale):
+  """The AU-PRO curve as integrated: PRO against the rescaled FPR of the kept points."""
+  keep = fpr < max_fpr
+  f, p = fpr[keep][::-1], pro[keep][::-1]
+  if f.size < 2:
+    return None
+  span = f[-1] - f[0] if rescale == "minmax" else f[-1]
+  if span <= 0:
+    return None
+  f = (f - f[0]) / span if rescale == "minmax" else f / span
+  return {"fpr": [float(v) for v in f], "pro": [float(v) for v in p]}
+
+
+def _curve_metrics(pos, neg, with_threshold: bool = False):
   """AUROC, F1-max and AP from the ascending scores of the positives and of the negatives.
 
   AUROC = P(pos > neg) + P(pos == neg) / 2 (the ROC trapezoid, ties included). AP and F1 need only
   the thresholds at the distinct positive scores v (predicted: score >= v): recall changes only
   there, and between two of them F1 only falls as false positives are added.
+  with_threshold: also "f1_threshold", where F1 is at its maximum (`operating_threshold`).
   """
   p, n = pos.size, neg.size
   if p == 0 or n == 0:
-    return {"auroc": _NAN, "f1_max": _NAN, "ap": _NAN}
+    out = {"auroc": _NAN, "f1_max": _NAN, "ap": _NAN}
+    return {**out, "f1_threshold": _NAN} if with_threshold else out
   first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])  # first index of each distinct value
   v, count = pos[first], np.diff(np.r_[first, p])  # distinct positive scores, their multiplicity
   below = np.searchsorted(neg, v, "left")  # negatives < v
@@ -157,5 +182,80 @@ def _curve_metrics(pos, neg):
   tp = (p - first).astype(np.float64)  # positives >= v
   fp = (n - below).astype(np.float64)  # negatives >= v
   ap = float(np.sum(count * (tp / (tp + fp))) / p)  # recall steps by count / p at v
-  f1_max = float(np.max(2 * tp / (tp + fp + p)))
-  return {"auroc": float(auroc), "f1_max": f1_max, "ap": ap}
+  f1 = 2 * tp / (tp + fp + p)
+  out = {"auroc": float(auroc), "f1_max": float(np.max(f1)), "ap": ap}
+  if with_threshold:
+    best = int(np.argmax(f1))
+    below = [pos[first[best] - 1]] if first[best] > 0 else []
+    below += [neg[below_i - 1]] if (below_i := int(np.searchsorted(neg, v[best], "left"))) else []
+    out["f1_threshold"] = operating_threshold(float(v[best]), max(below) if below else None)
+  return out
+
+
+def operating_threshold(lowest_flagged: float, highest_passed) -> float:
+  """A threshold (flag iff score >= it) between the lowest score to flag and the highest to pass:
+  midway, so scores rounded in a CSV still fall on the same side."""
+  if highest_passed is None:
+    return float(np.nextafter(lowest_flagged, -np.inf))
+  return float((lowest_flagged + float(highest_passed)) / 2)
+
+
+def threshold_at_fpr(normal_scores, fpr: float) -> Dict[str, float]:
+  """The operating point that flags at most a share `fpr` of known-normal scores.
+
+  threshold: flag iff score >= threshold, placed midway between the highest passed and the lowest
+  flagged normal score; fpr: the share of the given normal scores flagged (<= the asked one; the
+  (1 - fpr) quantile of the normal scores, rounded towards passing).
+  """
+  x = np.sort(_floats(np.ravel(normal_scores), "scores"))
+  if x.size == 0 or not np.isfinite(x).all():
+    raise ValueError("threshold_at_fpr needs finite normal scores")
+  if not 0.0 <= fpr < 1.0:
+    raise ValueError(f"fpr {fpr}: expected 0 <= fpr < 1")
+  k = int(np.floor(fpr * x.size + 1e-9))          # normal scores that may be flagged
+  flagged_from = x.size - k                       # index of the lowest flagged one
+  while 0 < flagged_from < x.size and x[flagged_from] == x[flagged_from - 1]:
+    flagged_from += 1                             # ties go to the passing side
+  if flagged_from >= x.size:
+    t = float(np.nextafter(x[-1], np.inf))
+  else:
+    t = operating_threshold(float(x[flagged_from]), float(x[flagged_from - 1]) if flagged_from else None)
+  return {"threshold": t, "fpr": float((x >= t).mean()), "asked_fpr": float(fpr), "n_normal": int(x.size)}
+
+
+def _thin(x: np.ndarray, y: np.ndarray, max_points: int):
+  """At most max_points of a curve, ends kept, as lists (for JSON and plots)."""
+  if x.size > max_points:
+    idx = np.unique(np.linspace(0, x.size - 1, max_points).round().astype(np.int64))
+    x, y = x[idx], y[idx]
+  return [float(v) for v in x], [float(v) for v in y]
+
+
+def _curves(pos, neg, max_points: int) -> Dict[str, dict]:
+  """ROC (fpr, tpr) and PR (recall, precision) at the distinct positive scores, thinned."""
+  p, n = pos.size, neg.size
+  if p == 0 or n == 0:
+    return {"roc": None, "pr": None}
+  first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+  v = pos[first]
+  tp = (p - first).astype(np.float64)
+  fp = (n - np.searchsorted(neg, v, "left")).astype(np.float64)
+  fpr, tpr = np.r_[fp[::-1] / n, 1.0], np.r_[tp[::-1] / p, 1.0]
+  fpr, tpr = np.r_[0.0, fpr], np.r_[0.0, tpr]
+  roc = dict(zip(("fpr", "tpr"), _thin(fpr, tpr, max_points)))
+  pr = dict(zip(("recall", "precision"), _thin(tp / p, tp / (tp + fp), max_points)))
+  return {"roc": roc, "pr": pr}
+
+
+def image_report(labels, scores, fpr: float = 0.05, max_points: int = 512) -> dict:
+  """Image metrics with their operating points and curves, for results and report pages.
+
+  {"metrics": image_metrics, "f1_threshold": flag iff score >= it to get F1-max,
+   "at_fpr": threshold_at_fpr of the normal images' scores, "curves": {"roc", "pr"}}.
+  """
+  m = image_metrics(labels, scores)
+  labels, scores = np.asarray(labels) == 1, _floats(scores, "scores")
+  pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+  at_fpr = threshold_at_fpr(neg, fpr) if neg.size else None
+  return {"metrics": m, "f1_threshold": _curve_metrics(pos, neg, True)["f1_threshold"],
+          "at_fpr": at_fpr, "curves": _curves(pos, neg, max_points)}

@@ -57,7 +57,16 @@ def test_demo_runs_end_to_end_and_says_random(tmp_path):
   lines = (tmp_path / "scores" / "hazelnut.csv").read_text().splitlines()
   assert lines[0] == "path,label,score,n_ref,seclip_only" and len(lines) == 24
   assert (tmp_path / "results.csv").read_text().startswith("category,pixel_auroc")
-  assert len(list((tmp_path / "maps" / "hazelnut").glob("test__*.png"))) == 23
+  assert len(list((tmp_path / "maps" / "hazelnut" / "test").rglob("*.png"))) == 23
+  # The recorded operating point reproduces the recorded F1-max from the saved scores.
+  cat = doc["categories"]["hazelnut"]
+  with open(tmp_path / "scores" / "hazelnut.csv") as f:
+    rows = list(csv.DictReader(f))
+  labels = np.array([int(r["label"]) for r in rows]) == 1
+  pred = np.array([float(r["score"]) for r in rows]) >= cat["thresholds"]["image_f1_max"]
+  tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+  assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(m["image"]["f1_max"], abs=1e-12)
+  assert (tmp_path / "report.html").exists() and (tmp_path / "curves" / "hazelnut.json").exists()
 
 
 def test_deterministic_and_resume(two_categories, tmp_path):
@@ -173,4 +182,26 @@ def test_k_shot_bank_from_the_training_split(tmp_path):
   with open(tmp_path / "scores" / "hazelnut.csv") as f:
     assert {r["n_ref"] for r in csv.DictReader(f)} == {"11"}      # 7 batch-mates + 4 known-good
   m = cat["metrics"]
+  assert all(np.isfinite(v) for level in m.values() for v in level.values())
+
+
+def test_dinov2_features_with_clip_text_and_dinov2_alone(tmp_path):
+  """--fi_weights: FiCLIP matches DINOv2 features while CLIP keeps SeCLIP; DINOv2 as --weights alone
+  runs FiCLIP only and says so. Random weights for both towers, on the shared hazelnut set."""
+  import fiseclip_jax as fj
+  from fiseclip_jax import dinov2
+  root = shared_data("otx_hazelnut_colour")
+  cfg = dinov2.Dinov2Config.tiny(layers=4, width=48, heads=4)
+  weights = tmp_path / "dinov2.safetensors"
+  fj.save_checkpoint(str(weights), dinov2.init_params(cfg, 0), cfg)
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'both'}", f"--fi_weights={weights}",
+          "--feature_layers=1,2,3,4", *FAST)
+  doc = json.loads((tmp_path / "both" / "results.json").read_text())
+  assert doc["identity"]["fi_model_config"]["layers"] == 4 and doc["fi_checkpoint"]["backbone"] == "dinov2"
+  m = doc["categories"]["hazelnut"]["metrics"]
+  assert all(np.isfinite(v) for level in m.values() for v in level.values())
+  p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'alone'}", f"--weights={weights}",
+          "--feature_layers=1,2,3,4", *[a for a in FAST if a not in ("--random_weights", "--model=demo")])
+  assert "FiCLIP only" in p.stdout
+  m = json.loads((tmp_path / "alone" / "results.json").read_text())["categories"]["hazelnut"]["metrics"]
   assert all(np.isfinite(v) for level in m.values() for v in level.values())

@@ -149,3 +149,29 @@ def test_earlier_results_are_never_mixed_in(line, tmp_path):
   assert p.returncode == 2 and "batch_size" in p.stderr
   run(f"--images={line}", f"--out={out}", "--batch_size=4", "--overwrite")
   assert {x["n_ref"] for x in rows(out)} == {"3"}
+
+
+def test_decisions_and_maps_at_the_images_size(good, tmp_path):
+  """--threshold_from sets the thresholds from known-good images scored like the run; every image
+  gets pred_label, an overlay and a mask at its own size (here 600 x 800, not the model's square)."""
+  from PIL import Image
+  d = tmp_path / "imgs"
+  d.mkdir()
+  for i, p in enumerate(sorted((TEST / "colour").iterdir())[:3]):
+    Image.open(p).convert("RGB").resize((800, 600)).save(d / f"part{i}.png")
+  out = tmp_path / "out"
+  p = run(f"--images={d}", f"--out={out}", f"--threshold_from={good}", "--max_fpr=0.25",
+          "--batch_size=3")
+  doc = json.loads((out / "run.json").read_text())
+  decision = doc["decision"]
+  assert decision["known_good"]["n"] == 4 and decision["known_good"]["image"]["fpr"] <= 0.25
+  assert "known-good images" in decision["how"] and "thresholds from 4 known-good" in p.stdout
+  for r in rows(out):
+    assert r["pred_label"] == str(int(float(r["score"]) >= decision["image_threshold"]))
+    assert Image.open(out / "maps" / (r["path"] + ".png")).size == (800, 600)
+    assert Image.open(out / "masks" / (r["path"] + ".png")).size == (800, 600)
+  # A given threshold is used as is and recorded as given.
+  out2 = tmp_path / "given"
+  run(f"--images={d}", f"--out={out2}", "--threshold=0", "--batch_size=3")
+  assert {r["pred_label"] for r in rows(out2)} == {"1"}
+  assert json.loads((out2 / "run.json").read_text())["decision"]["how"] == "given"

@@ -146,7 +146,7 @@ def test_aupro_uses_8_connectivity():
   maps = rng.random(mask.shape) * 0.5
   maps[0, 2:8, 2:8] += 0.6
   maps[0, 8:10, 8:10] = 0.1
-  _, n_regions = metrics._region_weights(mask)
+  _, n_regions = metrics.region_weights(mask)
   assert n_regions == ndimage.label(mask[0], structure=np.ones((3, 3)))[1] == 1
   assert ndimage.label(mask[0])[1] == 2  # scipy's default structure is 4-connectivity
   got = metrics.pixel_metrics(mask, maps)["aupro"]

@@ -7,6 +7,7 @@ each category, so an error or a kill loses nothing finished.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import numpy as np
 from absl import flags
 
 from fiseclip_jax import reports
-from fiseclip_jax.cli import options, runtime
+from fiseclip_jax.cli import options, outputs, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import Progress
 
@@ -38,7 +39,7 @@ def define_flags(what: str) -> None:
   options.define_method_flags(("batch", "bank", "both"))
   flags.DEFINE_bool("top_up", True, "Fill a category's short last batch with already-scored images "
                     "as references only, so every image has B - 1 (--notop_up: the paper's batching).")
-  flags.DEFINE_bool("save_maps", False, "Write heat-map overlays (PNG) per image.")
+  outputs.define_flags()
 
 
 def shuffled(samples, seed: int) -> list:
@@ -103,9 +104,7 @@ def plan(ds: Dataset) -> Dict[str, Plan]:
 def identity(ds: Dataset, conf, spec: runtime.ModelSpec) -> dict:
   """The settings a run's numbers depend on (a resumed run must have the same)."""
   return {"dataset": ds.name, "data_root": os.path.abspath(FLAGS.data_root),
-          "config": conf.to_dict(), "clip_config": spec.cfg.to_dict(),
-          "checkpoint_sha256": spec.checkpoint["sha256"] or spec.checkpoint["weights"],
-          "seed": FLAGS.seed, "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot,
+          "config": conf.to_dict(), **spec.identity(), "seed": FLAGS.seed, "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot,
           "top_up": FLAGS.top_up}
 
 
@@ -148,19 +147,18 @@ def run(ds: Dataset) -> Dict[str, dict]:
 def score_categories(ds: Dataset, conf, spec, plans: Dict[str, Plan], ident: dict,
                      results: Dict[str, dict]) -> Dict[str, dict]:
   import jax
-  import fiseclip_jax as fj
-  from fiseclip_jax import overlays, scoring, sharding
+  from fiseclip_jax import scoring, sharding
   devices = runtime.devices()
   mesh = sharding.make_mesh(devices)
-  params = sharding.replicate(runtime.load_params(spec), mesh)
-  cfg = spec.cfg
+  model = runtime.model_on(spec, mesh)
   is_main = jax.process_index() == 0
   print(f"{ds.name}: {len(plans)} categories, {len(devices)} {devices[0].platform} device(s) x "
         f"{jax.process_count()} process(es), batch {FLAGS.batch_size}, {conf.image_size}px, "
         f"{conf.compute_dtype}, references {conf.references}"
         + (f" (k_shot {FLAGS.k_shot})" if FLAGS.k_shot else ""))
   header = {"identity": ident, "dataset": ds.name, "data_root": ident["data_root"],
-            "config": conf.to_dict(), "clip_config": cfg.to_dict(), "checkpoint": spec.checkpoint,
+            "config": conf.to_dict(), "model_config": dataclasses.asdict(spec.cfg),
+            "checkpoint": spec.checkpoint, "fi_checkpoint": spec.fi_checkpoint,
             "batch_size": FLAGS.batch_size, "seed": FLAGS.seed, "versions": runtime.versions(),
             "devices": {"platform": devices[0].platform, "per_process": len(devices),
                         "processes": jax.process_count()}}
@@ -169,40 +167,28 @@ def score_categories(ds: Dataset, conf, spec, plans: Dict[str, Plan], ident: dic
       print(f"  {cat}: done earlier (--resume), skipped")
       continue
     t0 = time.time()
-    text = fj.text_features(params, cfg, ds.class_name(cat), conf)
-    bank = None
-    if p.bank:
-      bank = fj.build_bank(params, cfg, conf, scoring.load_images(p.bank, conf.image_size))
-      bank = sharding.replicate(bank, mesh)
+    text = runtime.text_features(model, ds.class_name(cat), conf)
+    bank = runtime.bank_on(model, conf, p.bank, mesh) if p.bank else None
     bad = set(p.unreadable)
     samples = [s for s in p.samples if s.path not in bad]
     # Multi-host: whole batches are dealt to processes, so every batch keeps its images together.
     starts = sharding.process_share(range(0, len(samples), FLAGS.batch_size))
     mine_index = [i for st in starts for i in range(st, min(st + FLAGS.batch_size, len(samples)))]
-    on_batch = None
-    if FLAGS.save_maps:
-      root = os.path.join(FLAGS.data_root, cat)
-      def on_batch(r, cat=cat, root=root):
-        for s, q, m in zip(r.batch.samples, r.query, r.maps):
-          if q:
-            name = overlays.map_name(s.path, root).replace(os.sep, "__")
-            overlays.save_overlay(os.path.join(FLAGS.out, "maps", cat, os.path.splitext(name)[0] + ".png"),
-                                  s.path, m)
     progress = Progress(len(samples), f"  {cat}", enabled=FLAGS.progress and is_main)
     scored = scoring.score_samples(
-        [samples[i] for i in mine_index], indices=mine_index, params=params, cfg=cfg, conf=conf,
+        [samples[i] for i in mine_index], indices=mine_index, model=model, conf=conf,
         text=text, mesh=mesh, batch_size=FLAGS.batch_size, bank=bank,
         top_up_pool=samples if FLAGS.top_up else None, with_masks=True, keep_maps=True,
-        skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch, on_progress=progress.update,
-        on_skip=warn_skip)
+        skip_bad_images=FLAGS.skip_bad_images, on_progress=progress.update, on_skip=warn_skip)
     progress.close()
     scored = scored.gather().sorted()
     if not is_main:
       continue
-    seconds = time.time() - t0
-    results[cat] = category_result(cat, scored, samples, p, seconds)
-    write_category(cat, scored, samples)
+    result = outputs.category_result(cat, scored, p, time.time() - t0)
+    outputs.print_summary(cat, result)
+    results[cat] = outputs.write_category(cat, result, scored, samples)
     reports.write_results(FLAGS.out, header, results)
+    outputs.write_report()
   if is_main:
     print(reports.table({**results, "mean": {"metrics": reports.mean_metrics(results)}}))
     print(f"wrote {os.path.join(FLAGS.out, reports.RESULTS_JSON)}, results.csv and scores/ per category")
@@ -211,30 +197,3 @@ def score_categories(ds: Dataset, conf, spec, plans: Dict[str, Plan], ident: dic
 
 def warn_skip(path: str, err: Exception) -> None:
   sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
-
-
-def category_result(cat: str, scored, samples, p: Plan, seconds: float) -> dict:
-  import fiseclip_jax as fj
-  n = len(scored.scores)
-  if not (np.isfinite(scored.maps).all() and np.isfinite(scored.scores).all()):
-    raise FloatingPointError(f"{cat}: non-finite scores or maps")
-  metrics = {"image": fj.metrics.image_metrics(scored.labels, scored.scores),
-             "pixel": fj.metrics.pixel_metrics(scored.masks, scored.maps)} if n else {}
-  counts = scored.seclip_only_counts()
-  skipped = sorted(set(p.unreadable) | set(scored.skipped))
-  line = f"  {cat}: {n} images, {n / max(seconds, 1e-9):.2f} img/s"
-  if counts["total"]:
-    line += (f"; {counts['total']} image(s) scored by SeCLIP alone (no candidate reference: "
-             f"{counts['no_candidates']}, every reference masked out: {counts['all_masked']})")
-  if skipped:
-    line += f"; {len(skipped)} unreadable image(s) skipped (listed in results.json)"
-  print(line)
-  return {"metrics": metrics, "n_images": n, "seclip_only": counts, "skipped": skipped,
-          "bank": [s.path for s in p.bank],
-          "timing": {"seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}}
-
-
-def write_category(cat: str, scored, samples) -> None:
-  paths = [samples[i].path for i in scored.index]
-  rows = reports.score_rows(paths, scored.labels, scored.scores, scored.n_ref, scored.seclip_only)
-  reports.write_scores(os.path.join(FLAGS.out, "scores", f"{cat}.csv"), rows)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import List
+from typing import List, NamedTuple
 
 import numpy as np
 from absl import flags
@@ -45,7 +45,18 @@ def define_flags() -> None:
                        "serve as its references.")
   flags.DEFINE_bool("top_up", True, "Fill the short last batch with already-scored images as "
                     "references only, so every image has B - 1.")
-  flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map) per image.")
+  flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map), at the "
+                    "image's own size.")
+  flags.DEFINE_float("threshold", None, "Image decision: pred_label 1 iff score >= this.")
+  flags.DEFINE_string("threshold_from", None, "Folder of known-good images: scored like the run "
+                      "(same references), the thresholds are set so that --max_fpr of them (and "
+                      "--max_pixel_fpr of their pixels) are flagged.")
+  flags.DEFINE_float("max_fpr", 0.01, "With --threshold_from: the share of known-good images flagged.")
+  flags.DEFINE_float("pixel_threshold", None, "Pixel decision: masks/<image>.png flags map >= this.")
+  flags.DEFINE_float("max_pixel_fpr", 0.001, "With --threshold_from: the share of known-good pixels "
+                     "flagged (the pixel threshold of the masks).")
+  flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
+                      "'threshold' (0 to 2x the pixel threshold).")
 
 
 def _rel(path: str) -> str:
@@ -64,6 +75,22 @@ def _check_flags() -> bool:
     raise UsageError(f"--bank_size {FLAGS.bank_size}: expected >= 1")
   if FLAGS.k_shot and not FLAGS.normal_images:
     raise UsageError("--k_shot draws from --normal_images: pass the folder of known-good images")
+  if FLAGS.threshold is not None and FLAGS.threshold_from:
+    raise UsageError("--threshold and --threshold_from exclude each other")
+  if FLAGS.pixel_threshold is not None and FLAGS.threshold_from:
+    raise UsageError("--pixel_threshold and --threshold_from exclude each other")
+  for name in ("max_fpr", "max_pixel_fpr"):
+    if not 0.0 <= getattr(FLAGS, name) < 1.0:
+      raise UsageError(f"--{name} {getattr(FLAGS, name)}: expected 0 <= value < 1")
+  if FLAGS.map_range != "threshold":
+    from fiseclip_jax.overlays import ColourScale
+    try:
+      ColourScale.parse(FLAGS.map_range)
+    except ValueError as e:
+      raise UsageError(f"--map_range: {e}") from None
+  elif FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
+    raise UsageError("--map_range threshold needs a pixel threshold (--pixel_threshold or "
+                     "--threshold_from)")
   has_bank = bool(FLAGS.normal_images)
   options.check_run_flags(has_bank, FLAGS.references)
   return has_bank
@@ -124,14 +151,19 @@ def run() -> None:
   unreadable = {p.sample.path: str(p.error) for p in problems}
   samples = [s for s in samples if s.path not in unreadable]
   bank_samples = _bank_samples() if has_bank else []
+  good_samples = _known_good(FLAGS.threshold_from) if FLAGS.threshold_from else []
   backend = runtime.setup_backend()
   conf = options.fise_config(backend, has_bank)
   ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,
-           "class_name": FLAGS.class_name, "config": conf.to_dict(), "clip_config": spec.cfg.to_dict(),
-           "checkpoint_sha256": spec.checkpoint["sha256"] or spec.checkpoint["weights"],
+           "class_name": FLAGS.class_name, "config": conf.to_dict(), **spec.identity(),
            "batch_size": FLAGS.batch_size, "top_up": FLAGS.top_up,
            "bank": [os.path.abspath(s.path) for s in bank_samples],
-           "bank_size": FLAGS.bank_size if conf.references == "rolling" else None}
+           "bank_size": FLAGS.bank_size if conf.references == "rolling" else None,
+           "threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
+           "threshold_from": os.path.abspath(FLAGS.threshold_from) if FLAGS.threshold_from else None,
+           "max_fpr": FLAGS.max_fpr if FLAGS.threshold_from else None,
+           "max_pixel_fpr": FLAGS.max_pixel_fpr if FLAGS.threshold_from else None,
+           "map_range": FLAGS.map_range}
   done = _prepare_out(ident)
   print(f"{len(samples)} image(s) in {FLAGS.images}" + (" and its sub-folders" if FLAGS.recursive else "")
         + (f"; {len(ignored)} other file(s) ignored" if ignored else "")
@@ -142,24 +174,89 @@ def run() -> None:
   if len(samples) == 1 and conf.references == "batch":
     print("one image: no reference for feature matching, scoring with SeCLIP alone")
   t0 = time.time()
-  _score(conf, spec, samples, bank_samples, done)
-  _finish(ident, ignored, unreadable, time.time() - t0)
+  setup = _setup(conf, spec, bank_samples)
+  decision = _decision(setup, conf, good_samples)
+  _score(setup, conf, samples, done, decision)
+  _finish(ident, ignored, unreadable, time.time() - t0, decision)
 
 
-def _score(conf, spec, samples, bank_samples, done: List[List[dict]]) -> None:
-  import fiseclip_jax as fj
-  from fiseclip_jax import overlays, scoring, sharding
+class Setup(NamedTuple):
+  model: object
+  mesh: object
+  text: object
+  bank: object
+
+
+def _setup(conf, spec, bank_samples) -> Setup:
+  from fiseclip_jax import sharding
+  devices = runtime.devices()[:1] if conf.references == "rolling" else runtime.devices()
+  mesh = sharding.make_mesh(devices)
+  model = runtime.model_on(spec, mesh)
+  text = runtime.text_features(model, FLAGS.class_name, conf)
+  bank = runtime.bank_on(model, conf, bank_samples, mesh) if bank_samples else None
+  return Setup(model, mesh, text, bank)
+
+
+def _known_good(folder: str):
+  from fiseclip_jax import data
+  samples, _ = data.list_folder(folder, FLAGS.recursive)
+  problems = data.check_files(samples)
+  if problems:
+    raise problems[0].error
+  return samples
+
+
+def _run_scoring(setup: Setup, conf, samples, *, indices=None, on_batch=None, on_progress=None,
+                 on_skip=None, keep_maps=False):
+  """Score samples the way this run scores: its references, batches, top-up."""
+  from fiseclip_jax import scoring
+  common = dict(model=setup.model, conf=conf, text=setup.text, batch_size=FLAGS.batch_size,
+                indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
+                on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
+  if conf.references == "rolling":
+    return scoring.score_stream_samples(samples, bank_size=FLAGS.bank_size, **common)
+  return scoring.score_samples(samples, mesh=setup.mesh, bank=setup.bank,
+                               top_up_pool=samples if FLAGS.top_up else None, **common)
+
+
+def _decision(setup: Setup, conf, good_samples) -> dict:
+  """The thresholds of the run and how they were chosen (written to run.json)."""
+  from fiseclip_jax import metrics
+  if not good_samples:
+    return {"image_threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
+            "how": "given" if FLAGS.threshold is not None or FLAGS.pixel_threshold is not None
+            else "none: scores only"}
+  scored = _run_scoring(setup, conf, good_samples, keep_maps=True)
+  image = metrics.threshold_at_fpr(scored.scores, FLAGS.max_fpr)
+  pixel = metrics.threshold_at_fpr(scored.maps, FLAGS.max_pixel_fpr)
+  print(f"thresholds from {len(scored.scores)} known-good image(s) in {FLAGS.threshold_from}: "
+        f"image {image['threshold']:.6f} (flags {100 * image['fpr']:.1f}% of them, asked "
+        f"{100 * FLAGS.max_fpr:.1f}%), pixel {pixel['threshold']:.6f}")
+  return {"image_threshold": image["threshold"], "pixel_threshold": pixel["threshold"],
+          "how": f"known-good images of {os.path.abspath(FLAGS.threshold_from)} scored with "
+                 f"references {conf.references}: the (1 - max_fpr) quantile of their scores "
+                 "(image) and of their map values (pixel)",
+          "known_good": {"n": len(scored.scores), "image": image, "pixel": pixel}}
+
+
+def _write_maps(s, anomaly_map, score, decision) -> None:
+  from fiseclip_jax import overlays
+  rgb = overlays.read_original(s.path)
+  hw = rgb.shape[:2]
+  t_px = decision["pixel_threshold"]
+  scale = overlays.ColourScale.parse(FLAGS.map_range, t_px)
+  base = os.path.join(FLAGS.out, "maps", _rel(s.path))
+  os.makedirs(os.path.dirname(base), exist_ok=True)
+  from PIL import Image
+  Image.fromarray(overlays.render(rgb, anomaly_map, scale, t_px, float(score))).save(base + ".png")
+  np.save(base + ".npy", overlays.resize_map(anomaly_map, hw).astype(np.float16))
+  if t_px is not None:
+    overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)
+
+
+def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) -> None:
   log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
   rolling = conf.references == "rolling"
-  devices = runtime.devices()[:1] if rolling else runtime.devices()
-  mesh = sharding.make_mesh(devices)
-  params = sharding.replicate(runtime.load_params(spec), mesh)
-  cfg = spec.cfg
-  text = fj.text_features(params, cfg, FLAGS.class_name, conf)
-  bank = None
-  if bank_samples:
-    bank = fj.build_bank(params, cfg, conf, scoring.load_images(bank_samples, conf.image_size))
-    bank = sharding.replicate(bank, mesh)
   consumed = {r["path"] for batch in done for r in batch}
   n_done = sum(r["status"] == "scored" for batch in done for r in batch)
   state = {"batch": len(done), "replay": len(done) if rolling else 0, "skipped": []}
@@ -180,10 +277,8 @@ def _score(conf, spec, samples, bank_samples, done: List[List[dict]]) -> None:
       if not q:
         continue
       rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""])
-      if FLAGS.save_maps:
-        base = os.path.join(FLAGS.out, "maps", _rel(s.path))
-        overlays.save_overlay(base + ".png", s.path, m)
-        np.save(base + ".npy", m.astype(np.float16))
+      if FLAGS.save_maps or decision["pixel_threshold"] is not None:
+        _write_maps(s, m, score, decision)
     log.append(state["batch"], rows)
     state["batch"] += 1
 
@@ -194,19 +289,13 @@ def _score(conf, spec, samples, bank_samples, done: List[List[dict]]) -> None:
     todo, indices = [samples[i] for i in keep], keep
   progress = Progress(len(samples), "images", enabled=FLAGS.progress)
   base = n_done if not rolling else 0
-  update = lambda k: progress.update(min(base + k, len(samples)))
-  common = dict(params=params, cfg=cfg, conf=conf, text=text, batch_size=FLAGS.batch_size,
-                indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
-                on_progress=update, keep_maps=False)
-  if rolling:
-    scoring.score_stream_samples(todo, bank_size=FLAGS.bank_size, on_skip=on_skip_row, **common)
-  else:
-    scoring.score_samples(todo, mesh=mesh, bank=bank, on_skip=on_skip_row,
-                          top_up_pool=samples if FLAGS.top_up else None, **common)
+  _run_scoring(setup, conf, todo, indices=indices, on_batch=on_batch, on_skip=on_skip_row,
+               on_progress=lambda k: progress.update(min(base + k, len(samples))))
   progress.close()
 
 
-def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float) -> None:
+def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
+            decision: dict) -> None:
   """scores.csv (sorted), skipped.csv and run.json from the complete log."""
   log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
   rows = [r for batch in log.read() for r in batch]
@@ -214,16 +303,24 @@ def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float) -
   skipped = sorted([[_rel(p), e] for p, e in unreadable.items()]
                    + [[r["path"], r["note"]] for r in rows if r["status"] == "skipped"])
   header = ["path", "score", "n_ref", "seclip_only"]
-  reports.atomic_write(os.path.join(FLAGS.out, "scores.csv"), reports.csv_text(
-      [header] + [[r[c] for c in header] for r in scored]))
+  table = [[r[c] for c in header] for r in scored]
+  t = decision["image_threshold"]
+  if t is not None:
+    header.append("pred_label")
+    table = [row + [int(float(r["score"]) >= t)] for row, r in zip(table, scored)]
+  reports.atomic_write(os.path.join(FLAGS.out, "scores.csv"), reports.csv_text([header] + table))
   reports.atomic_write(os.path.join(FLAGS.out, "skipped.csv"),
                        reports.csv_text([["path", "reason"]] + skipped))
   only = sum(r["seclip_only"] == "1" for r in scored)
   reports.write_json(os.path.join(FLAGS.out, RUN_JSON), {
-      "identity": ident, "status": "complete", "scored": len(scored), "skipped": len(skipped),
+      "identity": ident, "status": "complete", "decision": decision,
+      "flagged": None if t is None else sum(row[-1] for row in table),
+      "scored": len(scored), "skipped": len(skipped),
       "ignored_files": len(ignored), "seclip_only": only, "seconds_last_session": seconds,
       "versions": runtime.versions()})
   print(f"scored {len(scored)} image(s) ({len(scored) / max(seconds, 1e-9):.2f} img/s this session)"
+        + ("" if t is None else f"; {sum(row[-1] for row in table)} flagged (score >= {t:.6f}, "
+           f"{decision['how'].split(':')[0]})")
         + (f"; {only} scored by SeCLIP alone (no reference)" if only else "")
         + (f"; {len(skipped)} skipped (skipped.csv)" if skipped else "")
         + (f"; {len(ignored)} non-image file(s) ignored" if ignored else "")

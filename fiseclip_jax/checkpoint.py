@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import json
 import os
 from typing import Dict, Tuple
@@ -79,9 +80,20 @@ def check_params(flat: Dict[str, np.ndarray], cfg, where: str) -> None:
     raise CheckpointError(f"{where}: does not match the architecture {cfg}: " + "; ".join(parts))
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+  """The same safetensors file with its JSON header's keys sorted: safetensors writes metadata in
+  an order that changes from process to process, so equal checkpoints would differ in bytes."""
+  n = struct.unpack("<Q", data[:8])[0]
+  header = json.loads(data[8:8 + n])
+  text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)                  # the data stays 8-byte aligned
+  return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 def save_checkpoint(path: str, params: dict, cfg, source_sha256: str = "", source: str = "") -> None:
-  """Write params (float32), the backbone's name and its config as one safetensors file."""
-  from safetensors.numpy import save_file
+  """Write params (float32), the backbone's name and its config as one safetensors file, the same
+  bytes for the same content (atomically: a temporary name, then a rename)."""
+  from safetensors.numpy import save
   from fiseclip_jax import registry
   flat = {k: np.array(v, np.float32, order="C") for k, v in flatten(params).items()}
   check_params(flat, cfg, path)
@@ -89,7 +101,10 @@ def save_checkpoint(path: str, params: dict, cfg, source_sha256: str = "", sourc
           "config": json.dumps(dataclasses.asdict(cfg)), "source_sha256": source_sha256,
           "source": os.path.basename(source)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(flat, path, metadata=meta)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(_canonical_safetensors(save(flat, metadata=meta)))
+  os.replace(tmp, path)
 
 
 def read_metadata(path: str) -> dict:

@@ -8,6 +8,15 @@ from typing import Optional, Tuple
 from fiseclip_jax.rules import IMAGE_SCORE_RULES, VOTE_RULES
 
 
+def config_from_dict(cls, d: dict):
+  """A frozen config dataclass from a dict, naming any field it does not have."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}")
+  return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """Architecture of a CLIP ViT (vision tower + text tower).
@@ -60,11 +69,7 @@ class CLIPConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "CLIPConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown CLIPConfig fields {unknown}; expected a subset of {sorted(names)}")
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 VOTES = tuple(VOTE_RULES)

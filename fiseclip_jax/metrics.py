@@ -138,21 +138,18 @@ def region_weights(gt):
 
 def _aupro(fpr, pro, max_fpr, rescale):
   """Trapezoid area under PRO vs rescaled FPR over the points with FPR < max_fpr."""
-  keep = fpr < max_fpr
-  f, p = fpr[keep][::-1], pro[keep][::-1]  # increasing thresholds -> increasing FPR
-  if f.size < 2:
+  curve = _pro_curve(fpr, pro, max_fpr, rescale)
+  if curve is None:
     return _NAN
-  span = f[-1] - f[0] if rescale == "minmax" else f[-1]
-  if span <= 0:
-    return _NAN
-  f = (f - f[0]) / span if rescale == "minmax" else f / span
+  f, p = np.asarray(curve["fpr"]), np.asarray(curve["pro"])
   return float(np.sum(np.diff(f) * (p[1:] + p[:-1])) / 2)
 
 
 def _pro_curve(fpr, pro, max_fpr, rescale):
-  """The AU-PRO curve as integrated: PRO against the rescaled FPR of the kept points."""
+  """The AU-PRO curve as integrated: PRO against the rescaled FPR of the points with FPR < max_fpr
+  (None when fewer than two are kept or their FPRs collapse to one value)."""
   keep = fpr < max_fpr
-  f, p = fpr[keep][::-1], pro[keep][::-1]
+  f, p = fpr[keep][::-1], pro[keep][::-1]  # increasing thresholds -> increasing FPR
   if f.size < 2:
     return None
   span = f[-1] - f[0] if rescale == "minmax" else f[-1]

@@ -264,6 +264,12 @@ def shade(x) -> str:
   return f' style="background:rgba(46,160,90,{0.04 + 0.5 * min(max(v, 0.0), 1.0) ** 3:.3f})"'
 
 
+def _asked_fpr(at_fpr):
+  """The FPR a threshold was asked for (what the column means), else the one it reached."""
+  asked = _number(_get(at_fpr, "asked_fpr"))
+  return asked if asked is not None else _number(_get(at_fpr, "fpr"))
+
+
 def _fpr_label(fprs: List[float]) -> str:
   """'@ FPR 5%' when every category used one FPR, else '@ FPR'."""
   unique = sorted(set(fprs))
@@ -272,7 +278,7 @@ def _fpr_label(fprs: List[float]) -> str:
 
 def metrics_table(categories: Dict[str, dict], mean: dict) -> str:
   """Table 1's columns in percent, then images, SeCLIP-only images and speed, then thresholds."""
-  fprs = [_number(_get(r, "thresholds", "image_at_fpr", "fpr")) for r in categories.values()]
+  fprs = [_asked_fpr(_get(r, "thresholds", "image_at_fpr")) for r in categories.values()]
   fprs = [f for f in fprs if f is not None]
   groups = (("metrics, percent", HEADERS), ("run", ("images", "SeCLIP-only", "img/s")),
             ("thresholds, anomaly score", ("im-F1max", "px-F1max", f"im {_fpr_label(fprs)}")))
@@ -301,7 +307,7 @@ def _table_row(name_html: str, r: dict, show_fpr: bool) -> str:
   so_title = esc(f"no candidates: {num(_get(so, 'no_candidates'))}, "
                  f"all masked: {num(_get(so, 'all_masked'))}")
   at_fpr = _get(r, "thresholds", "image_at_fpr")
-  fpr = _number(_get(at_fpr, "fpr"))
+  fpr = _asked_fpr(at_fpr)
   fpr_note = f" @{100 * fpr:g}%" if show_fpr and fpr is not None else ""
   run = [num(r.get("n_images")), f'<span title="{so_title}">{num(_get(so, "total"))}</span>',
          num(_get(r, "timing", "images_per_s"))]
@@ -366,7 +372,7 @@ def examples_html(out_dir: str, examples: Optional[dict]) -> str:
 
 def _thumb(out_dir: str, item: dict) -> str:
   path = str(item.get("path") or "")
-  name = os.path.basename(path) or "?"
+  name = str(item.get("name") or os.path.basename(path) or "?")
   caption = (f'<figcaption><b>{esc(num(item.get("score")))}</b> '
              f'<span title="{esc(path)}">{esc(name)}</span></figcaption>')
   image = item.get("image")

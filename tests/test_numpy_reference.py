@@ -236,9 +236,9 @@ def _direct_step_score(query_tokens, ref_tokens, r, h, w):
 def test_voters_are_per_image(vote):
   rng = np.random.default_rng(2)
   mask0 = np.array([[True, False, True, False],    # slot 0: its only candidate keeps nothing
-                    [True, True, True, True]])     # slot 1: excludes every patch (mu = -1 keeps it)
+                    [True, True, True, True]])     # slot 1: excludes every patch (mu = 0: every distance votes)
   x = _designed(mask0, rng)
-  conf = FiSeConfig(feature_layers=(1, 2), r_list=(1, 3, 5), vote=vote, lam=1.0, mu=-1.0,
+  conf = FiSeConfig(feature_layers=(1, 2), r_list=(1, 3, 5), vote=vote, lam=1.0, mu=0.0,
                     sigma=1.0)
   out = ref.detect_from_tower(**x, conf=conf, logit_scale=SCALE, image_size=6)
   np.testing.assert_array_equal(out["mask0"], mask0)
@@ -319,7 +319,7 @@ def test_bank_entries_with_empty_masks_are_always_references():
   x = _inputs(rng, b=4, h=3)
   bank = rng.standard_normal((2, 3, 10, 8))
   # mu = -1 with "or": every batch slot excludes every patch from step 1 on.
-  conf = FiSeConfig(feature_layers=(1, 2), r_list=(1, 3, 5), vote="or", mu=-1.0, lam=1.0,
+  conf = FiSeConfig(feature_layers=(1, 2), r_list=(1, 3, 5), vote="or", mu=0.0, lam=1.0,
                     sigma=1.0)
   kw = dict(conf=conf, logit_scale=3.0, image_size=6, bank_tokens=bank,
             bank_valid=np.array([True, True, False]))

@@ -206,17 +206,19 @@ def _known_good(folder: str):
   return samples
 
 
-def _run_scoring(setup: Setup, conf, samples, *, indices=None, on_batch=None, on_progress=None,
-                 on_skip=None, keep_maps=False):
-  """Score samples the way this run scores: its references, batches, top-up."""
+def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_batch=None,
+                 on_progress=None, on_skip=None, keep_maps=False):
+  """Score samples the way this run scores: its references, batches, top-up. pool: the whole
+  list that `indices` point into (default: samples), which a short batch is topped up from."""
   from fiseclip_jax import scoring
   common = dict(model=setup.model, conf=conf, text=setup.text, batch_size=FLAGS.batch_size,
                 indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
                 on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
   if conf.references == "rolling":
     return scoring.score_stream_samples(samples, bank_size=FLAGS.bank_size, **common)
+  pool = samples if pool is None else pool
   return scoring.score_samples(samples, mesh=setup.mesh, bank=setup.bank,
-                               top_up_pool=samples if FLAGS.top_up else None, **common)
+                               top_up_pool=pool if FLAGS.top_up else None, **common)
 
 
 def _decision(setup: Setup, conf, good_samples) -> dict:
@@ -289,7 +291,8 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
     todo, indices = [samples[i] for i in keep], keep
   progress = Progress(len(samples), "images", enabled=FLAGS.progress)
   base = n_done if not rolling else 0
-  _run_scoring(setup, conf, todo, indices=indices, on_batch=on_batch, on_skip=on_skip_row,
+  _run_scoring(setup, conf, todo, pool=samples, indices=indices, on_batch=on_batch,
+               on_skip=on_skip_row,
                on_progress=lambda k: progress.update(min(base + k, len(samples))))
   progress.close()
 

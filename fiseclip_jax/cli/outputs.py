@@ -91,6 +91,7 @@ def write_category(cat: str, result: dict, scored, samples) -> dict:
       image = f"report/{cat}/{prefix}_{k}.png"
       draw(int(j), os.path.join(FLAGS.out, image), THUMB_SIDE)
       examples[key].append({"path": samples_of[j].path, "score": float(scored.scores[j]),
+                            "name": overlays.map_name(samples_of[j].path, root),
                             "label": label, "image": image})
   reports.write_json(os.path.join(FLAGS.out, "report", cat, "examples.json"), examples)
   return result

@@ -133,11 +133,16 @@ def mvtec_samples(root: PathLike, category: str) -> List[Sample]:
 
 def mvtec_train_samples(root: PathLike, category: str) -> List[Sample]:
   """The known-good training images of an MVTec AD category (`train/good`), sorted by path."""
-  good = _existing_dir(root, MVTEC_LAYOUT) / category / "train" / "good"
-  samples = [Sample(str(p), 0, None, "good") for p in _list_images(good)]
+  return _known_good(root, category, ("train", "good"), MVTEC_LAYOUT)
+
+
+def _known_good(root: PathLike, category: str, where: Tuple[str, str], layout: str) -> List[Sample]:
+  """The images of <root>/<category>/<where...>/ as normal samples; none is a clear error."""
+  folder = _existing_dir(root, layout).joinpath(category, *where)
+  samples = [Sample(str(p), 0, None, "good") for p in _list_images(folder)]
   if not samples:
-    raise BadInputError(f"category {category!r} has no known-good images in {good}; a bank "
-                        "(--k_shot) draws from <root>/<category>/train/good/")
+    raise BadInputError(f"category {category!r} has no known-good images in {folder}; a bank "
+                        f"(--k_shot) draws from <root>/<category>/{'/'.join(where)}/")
   return samples
 
 
@@ -277,12 +282,7 @@ def btad_samples(root: PathLike, category: str) -> List[Sample]:
 
 def btad_train_samples(root: PathLike, category: str) -> List[Sample]:
   """The known-good training images of a BTAD category (`train/ok`), sorted by path."""
-  ok = _existing_dir(root, BTAD_LAYOUT) / category / "train" / "ok"
-  samples = [Sample(str(p), 0, None, "good") for p in _list_images(ok)]
-  if not samples:
-    raise BadInputError(f"category {category!r} has no known-good images in {ok}; a bank "
-                        "(--k_shot) draws from <root>/<category>/train/ok/")
-  return samples
+  return _known_good(root, category, ("train", "ok"), BTAD_LAYOUT)
 
 
 # A plain folder.

@@ -6,6 +6,7 @@ with a message that names the file(s) and what was expected (DESIGN.md §13).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Tuple, Union
 
@@ -25,34 +26,34 @@ class BadInputError(ValueError):
   """A data file or folder that cannot be used; the message names it and what was expected."""
 
 
+@contextlib.contextmanager
+def _opened(path: PathLike, what: str):
+  """PIL's open with every failure as a BadInputError naming the file and what was expected."""
+  try:
+    with Image.open(path) as img:
+      yield img
+  except FileNotFoundError as err:
+    raise BadInputError(f"{what} {os.fspath(path)}: file not found") from err
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    raise BadInputError(
+        f"{what} {os.fspath(path)}: cannot read it as an image ({err}); expected a complete "
+        "PNG/JPEG/BMP/TIFF/WebP file") from err
+
+
 def _open_decoded(path: PathLike, what: str) -> Image.Image:
   """Opens and fully decodes `path`, so that truncated files fail here and not later.
 
   The file is closed on return (the decoded pixels stay in memory), also when decoding fails.
   """
-  try:
-    with Image.open(path) as img:
-      img.load()
-  except FileNotFoundError as err:
-    raise BadInputError(f"{what} {os.fspath(path)}: file not found") from err
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-    raise BadInputError(
-        f"{what} {os.fspath(path)}: cannot read it as an image ({err}); expected a complete "
-        "PNG/JPEG/BMP/TIFF/WebP file") from err
+  with _opened(path, what) as img:
+    img.load()
   return img
 
 
 def read_size(path: PathLike, what: str = "image") -> Tuple[int, int]:
   """(width, height) from the file's header, nothing decoded: the cheap check of a whole data set."""
-  try:
-    with Image.open(path) as img:
-      return img.size
-  except FileNotFoundError as err:
-    raise BadInputError(f"{what} {os.fspath(path)}: file not found") from err
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-    raise BadInputError(
-        f"{what} {os.fspath(path)}: cannot read it as an image ({err}); expected a complete "
-        "PNG/JPEG/BMP/TIFF/WebP file") from err
+  with _opened(path, what) as img:
+    return img.size
 
 
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from fiseclip_jax.config import config_from_dict
+
 # DINOv2 was trained on ImageNet-normalized pixels (RGB, after scaling to [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,9 +84,4 @@ class Dinov2Config:
 
   @classmethod
   def from_dict(cls, d: dict) -> "Dinov2Config":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown Dinov2Config fields {unknown}; expected a subset of "
-                       f"{sorted(names)}")
-    return cls(**d)
+    return config_from_dict(cls, d)

@@ -1,12 +1,18 @@
 """Shared test set-up: float32 matmuls at full precision, a compilation cache shared with the
 programs the tests start, the shared data folder, a random HF CLIP."""
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Many tests run the programs as a user does, each a new process compiling the same small models:
-# JAX's persistent compilation cache (one per test session) lets the later ones skip XLA.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fiseclip-jax-cache-"))
+# JAX's persistent compilation cache (one per test process: xdist workers each have their own, so
+# no two processes write one entry at once) lets the later ones skip XLA.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="fiseclip-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)   # ours: gone with the session
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

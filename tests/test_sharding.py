@@ -65,12 +65,13 @@ def free_port():
 
 
 def test_two_processes_equal_one(tmp_path):
+  # The single-process run starts only after the pair: on a 2-core machine a third process can
+  # starve one of the pair past the 30 s that JAX's CPU (gloo) collectives wait for the other.
   port = free_port()
-  single = run_eval(tmp_path / "single", 1, "--batch_size=4")
   procs = [run_eval(tmp_path / "multi", 4, "--batch_size=4", "--multihost", f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}") for i in range(2)]
   outs = [finish(p) for p in procs]
-  finish(single)
+  finish(run_eval(tmp_path / "single", 1, "--batch_size=4"))
   assert "2 process(es)" in outs[0]
   assert "wrote" in outs[0] and "wrote" not in outs[1]          # process 0 alone writes files
   assert_same(tmp_path / "single", tmp_path / "multi")

@@ -14,6 +14,7 @@ import datetime
 import functools
 import hashlib
 import html
+import importlib.resources
 import io
 import json
 import os
@@ -336,8 +337,12 @@ def header_html(doc: dict, generated: str, links: List[Tuple[str, str]]) -> str:
   if links:
     facts.append(("raw", " · ".join(f'<a href="{href(p)}">{esc(name)}</a>' for name, p in links)))
   dl = "".join(f"<div><dt>{esc(k)}</dt><dd>{v}</dd></div>" for k, v in facts)
+  # The programs name random weights "random:<model>:seed<n>" (--random_weights, the demo).
+  warn = ('<p class="warn"><b>RANDOM WEIGHTS</b>: the pipeline ran end to end on an untrained '
+          "model; the numbers below are meaningless.</p>"
+          if str(weights or "").startswith("random:") else "")
   return (f"<header><h1>FiSeCLIP-JAX <span class=\"dim\">·</span> {esc(dataset)}</h1>"
-          f'<dl class="facts">{dl}</dl></header>')
+          f'<dl class="facts">{dl}</dl>{warn}</header>')
 
 
 def _value(v) -> str:
@@ -414,49 +419,11 @@ def category_html(out_dir: str, cat: str, r: dict, n_curves: int, svg_rel: Optio
           + "</section>")
 
 
-STYLE = """
-:root { --ink: #1f2328; --dim: #667085; --line: #e4e7ec; --bg: #f5f6f8; --card: #fff;
-  --accent: #2866a8; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
-main { max-width: 1160px; margin: 0 auto; padding: 20px 24px 48px; }
-header h1 { margin: 0 0 6px; font-size: 24px; font-weight: 650; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-.dim { color: var(--dim); font-weight: 400; }
-.facts { display: flex; flex-wrap: wrap; gap: 4px 22px; margin: 0 0 14px; font-size: 13px; }
-.facts div { display: flex; gap: 6px; } .facts dt { color: var(--dim); } .facts dd { margin: 0; }
-code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
-  padding: 14px 18px; margin: 14px 0; }
-.card h2 { margin: 0 0 8px; font-size: 17px; } h3 { margin: 14px 0 6px; font-size: 14px; }
-.chips { display: flex; flex-wrap: wrap; gap: 6px; }
-.chip { background: var(--bg); border: 1px solid var(--line); border-radius: 999px;
-  padding: 1px 10px; font-size: 12px; } .chip b { font-weight: 600; color: var(--dim); }
-table.metrics { border-collapse: collapse; width: 100%; font-size: 13px;
-  font-variant-numeric: tabular-nums; }
-.metrics th, .metrics td { padding: 4px 6px; border-bottom: 1px solid var(--line);
-  text-align: right; white-space: nowrap; }
-.metrics thead th { font-size: 12px; color: var(--dim); font-weight: 600;
-  border-bottom: 2px solid var(--line); vertical-align: bottom; }
-.metrics thead th.group { text-align: center; font-weight: 500; border-bottom: 1px solid #c9ced6; }
-.metrics th[scope=row], .metrics thead th[rowspan] { text-align: left; }
-.metrics td.thr { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 11.5px; }
-.metrics td.aux { color: var(--dim); font-size: 12px; }
-.metrics tr.mean th, .metrics tr.mean td { font-weight: 700; border-top: 2px solid var(--ink); }
-.metrics td.empty { text-align: center; color: var(--dim); }
-img.curves { display: block; width: 100%; max-width: 1020px; height: auto; }
-.thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; width: 168px; }
-figure img, .noimg { display: block; width: 168px; height: 168px; object-fit: contain;
-  background: var(--bg); border: 1px solid var(--line); border-radius: 6px; }
-.noimg { display: flex; align-items: center; justify-content: center; color: var(--dim); }
-figcaption { font-size: 12px; margin-top: 3px; overflow: hidden; text-overflow: ellipsis;
-  white-space: nowrap; }
-.note { color: var(--dim); font-style: italic; }
-details { margin-top: 10px; font-size: 12px; color: var(--dim); }
-footer { color: var(--dim); font-size: 12px; text-align: center; }
-"""
+
+
+def style() -> str:
+  """The page's stylesheet, shipped beside this module (report.css) and inlined."""
+  return importlib.resources.files("fiseclip_jax").joinpath("report.css").read_text(encoding="utf-8")
 
 
 def page_html(doc: dict, body: List[str], generated: str, links: List[Tuple[str, str]]) -> str:
@@ -464,7 +431,7 @@ def page_html(doc: dict, body: List[str], generated: str, links: List[Tuple[str,
   dataset = doc.get("dataset") or "benchmark"
   return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
           "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-          f"<title>FiSeCLIP-JAX report: {esc(dataset)}</title><style>{STYLE}</style></head>\n"
+          f"<title>FiSeCLIP-JAX report: {esc(dataset)}</title><style>{style()}</style></head>\n"
           f"<body><main>\n{header_html(doc, generated, links)}\n" + "\n".join(body)
           + "\n<footer>written by fiseclip_jax.report; numbers in percent unless noted; "
           "thresholds are raw anomaly scores</footer>\n</main></body></html>\n")

@@ -172,3 +172,13 @@ def test_needs_matplotlib(run, monkeypatch):
   assert str(e.value) == "report.html needs matplotlib: pip install 'fiseclip-jax[viz]'"
   assert isinstance(e.value, RuntimeError)
   assert not os.path.exists(os.path.join(run, "report.html"))
+
+
+def test_random_weights_are_said_on_the_page(run):
+  """A run on random weights (the demo, --random_weights) says so above its numbers."""
+  assert "RANDOM WEIGHTS" not in open(report.write_report(run), encoding="utf-8").read()
+  doc = json.load(open(os.path.join(run, "results.json")))
+  doc["checkpoint"] = {"weights": "random:demo:seed0", "sha256": None}
+  json.dump(doc, open(os.path.join(run, "results.json"), "w"))
+  page = open(report.write_report(run), encoding="utf-8").read()
+  assert page.index("RANDOM WEIGHTS") < page.index("Metrics")

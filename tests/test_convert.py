@@ -90,8 +90,9 @@ class Node(torch.nn.Module):
     return x
 
 
-def torchscript_archive(flat, path):
-  """A TorchScript archive whose state dict has exactly the keys of `flat` (OpenAI's .pt format)."""
+def torchscript_archive(flat, path, submodules=None):
+  """A TorchScript archive whose state dict has exactly the keys of `flat` (OpenAI's .pt format),
+  plus `submodules` ({"dotted.path": module}) that hold no tensors."""
   root = Node()
   for key, t in flat.items():
     *parents, leaf = key.split(".")
@@ -104,10 +105,14 @@ def torchscript_archive(flat, path):
       m.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
     else:
       m.register_buffer(leaf, t.clone())
+  for key, module in (submodules or {}).items():
+    *parents, leaf = key.split(".")
+    root.get_submodule(".".join(parents)).add_module(leaf, module)
   with warnings.catch_warnings():            # torch.jit is deprecated in torch 2.13, still works
     warnings.simplefilter("ignore", DeprecationWarning)
     torch.jit.save(torch.jit.script(root), str(path))
     assert set(torch.jit.load(str(path)).state_dict()) == set(flat)
+  return str(path)
 
 
 def convert_cli(src, out):

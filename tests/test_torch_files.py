@@ -29,11 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "FISECLIP-MARKER-code-from-the-checkpoint-ran"
 
 
-class Node(torch.nn.Module):
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 class Marker(torch.nn.Module):
   """No tensors; torch.jit.load runs its __setstate__, which prints the marker."""
 
@@ -65,20 +60,7 @@ def jit_state_dict(path):
 
 def marker_clip_archive(flat, path):
   """An OpenAI-layout TorchScript CLIP (the state dict of `flat`) with a Marker submodule."""
-  root = Node()
-  for key, t in flat.items():
-    *parents, leaf = key.split(".")
-    m = root
-    for p in parents:
-      if p not in m._modules:
-        m.add_module(p, Node())
-      m = m._modules[p]
-    if t.is_floating_point():
-      m.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
-    else:
-      m.register_buffer(leaf, t.clone())
-  root.visual.add_module("marker", Marker())
-  return script(root, path)
+  return torchscript_archive(flat, path, {"visual.marker": Marker()})
 
 
 def as_numpy(sd):

@@ -279,16 +279,14 @@ def stage_flops(spec: Spec, size: int, b: int, n_external: int = 0) -> dict:
   fi = registry.for_config(spec.fi_config)
   g = size // fi.patch_size(spec.fi_config)
   n, c = g * g, fi.width(spec.fi_config)
-  encoder = b * fi.flops(spec.fi_config, size)
-  se = 0.0
-  if spec.has_text:
+  encoder = se = 0.0
+  if spec.has_text:   # the proxy block runs in the seclip stage, from the tower's hooks
     tb = registry.for_config(spec.text_model)
     d = spec.text_model.embed_dim
-    encoder = b * (tb.flops(spec.text_model, size) +
-                   seclip.flops(tb.width(spec.text_model), d, g, conf))
-    if spec.fi_model is not None:
-      encoder += b * fi.flops(spec.fi_config, size)
-    se = b * (n + 1) * (2.0 * 2 * d + 3.0 * d)
+    encoder += b * tb.flops(spec.text_model, size)
+    se = b * (seclip.flops(tb.width(spec.text_model), d, g, conf) + (n + 1) * (2.0 * 2 * d + 3.0 * d))
+  if spec.fi_model is not None:
+    encoder += b * fi.flops(spec.fi_config, size)
   out = {"encoder": encoder, "seclip": se,
          "lnamd": ficlip.lnamd_flops(b, n, c, conf.r_list, len(conf.feature_layers)),
          "mutual_filtering": ficlip.matching_flops(

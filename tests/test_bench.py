@@ -52,6 +52,9 @@ def test_analytic_flops_match_the_issue_figures():
   flops = pipeline.stage_flops(fj.make_spec(cfg, conf), 518, 16)
   assert 0.33e12 < flops["mutual_filtering"] / 16 < 0.36e12                  # ~0.35 TFLOP/image
   assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in pipeline.STAGES[:-1]))
+  # The proxy block runs in the seclip stage (from the tower's hooks): counted there, not in encoder.
+  assert flops["encoder"] == pytest.approx(16 * fj.clip.tower_flops(cfg, 518))
+  assert flops["seclip"] > 16 * fj.seclip.flops(cfg.vision_width, cfg.embed_dim, 518 // cfg.patch_size, conf)
   # A bank of 16 adds 16 one-way pairs per image; bank-only scoring drops the batch's pairs.
   both = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="both")), 518, 16, 16)
   bank = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="bank")), 518, 16, 16)

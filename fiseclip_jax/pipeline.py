@@ -306,13 +306,16 @@ def _check_images(images) -> None:
     raise ValueError(f"images have shape {np.shape(images)}; expected (B, S, S, 3) NHWC")
 
 
-def _params(spec: Spec, params, fi_params) -> Params:
+def split_params(spec: Spec, params, fi_params) -> Params:
+  """The user's (params, fi_params) as the stages' Params: the first tower is the text-aligned one
+  when the spec has one, else FiCLIP's."""
   if spec.has_text:
     return Params(params, fi_params if spec.fi_model is not None else None)
   return Params(None, params)
 
 
-def _text(spec: Spec, text) -> Array:
+def text_input(spec: Spec, text) -> Array:
+  """The text features a scorer is called with: (2, D) float32, or a placeholder for FiCLIP alone."""
   if spec.has_text:
     if text is None:
       raise ValueError("text features are needed with a text-aligned tower (fj.text_features)")
@@ -334,7 +337,7 @@ def build_bank(params: dict, cfg, conf: FiSeConfig, images, valid=None, chunk: i
   if k < 1:
     raise ValueError("a bank needs at least one image")
   spec = make_spec(cfg, conf, fi_cfg)
-  p = _params(spec, params, fi_params)
+  p = split_params(spec, params, fi_params)
   parts = []
   for start in range(0, k, chunk):
     part = images[start:start + chunk]
@@ -396,8 +399,8 @@ def detect(params: dict, cfg, conf: FiSeConfig, images, valid, text,
   _check_mode(conf, bank)
   _warn_lonely(roles, conf)
   spec = make_spec(cfg, conf, fi_cfg)
-  return _detect_jit(spec, _params(spec, params, fi_params), jnp.asarray(images, jnp.float32),
-                     roles, _text(spec, text), bank)
+  return _detect_jit(spec, split_params(spec, params, fi_params), jnp.asarray(images, jnp.float32),
+                     roles, text_input(spec, text), bank)
 
 
 def score_stream(params: dict, cfg, conf: FiSeConfig, images, roles: Roles, text,
@@ -416,8 +419,8 @@ def score_stream(params: dict, cfg, conf: FiSeConfig, images, roles: Roles, text
   if not isinstance(roles.reference, jax.core.Tracer):
     references.check_stream_order(np.asarray(roles.reference))
   spec = make_spec(cfg, conf, fi_cfg)
-  return _stream_step_jit(spec, _params(spec, params, fi_params), jnp.asarray(images, jnp.float32),
-                          roles, _text(spec, text), ring)
+  return _stream_step_jit(spec, split_params(spec, params, fi_params), jnp.asarray(images, jnp.float32),
+                          roles, text_input(spec, text), ring)
 
 
 class ImageFeatures(NamedTuple):
@@ -429,7 +432,7 @@ class ImageFeatures(NamedTuple):
 def _encode_image(params, cfg, conf: FiSeConfig, images) -> ImageFeatures:
   spec = make_spec(cfg, conf)
   with matmul_precision(conf):
-    feats = encode(spec, _params(spec, params, None), images)
+    feats = encode(spec, split_params(spec, params, None), images)
     if not spec.has_text:
       return ImageFeatures(None, feats.layer_tokens, None)
     b = registry.for_config(cfg)

@@ -12,13 +12,12 @@ import functools
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fiseclip_jax.config import FiSeConfig
-from fiseclip_jax.pipeline import DetectResult, Params, Spec, detect_batch, make_spec
+from fiseclip_jax.pipeline import DetectResult, Spec, detect_batch, make_spec, split_params, text_input
 from fiseclip_jax.references import Roles
 
 
@@ -37,7 +36,7 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=16)
-def round_fn(mesh: Mesh, spec: Spec, with_bank: bool = False):
+def round_fn(mesh: Mesh, spec: Spec):
   """One batch per device: `pipeline.detect_batch` over (n, B, ...) batches sharded on "data".
 
   Written with `shard_map`, so what runs on a device is stated in code: its own batch, against
@@ -68,18 +67,11 @@ def detect_round(mesh: Mesh, params, cfg, conf: FiSeConfig, images: np.ndarray, 
     valid = np.asarray(roles, bool)
     roles = Roles(valid, valid, np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape))
   spec = make_spec(cfg, conf, fi_cfg)
-  fn = round_fn(mesh, spec, bank is not None)
+  fn = round_fn(mesh, spec)
   data = NamedSharding(mesh, P("data"))
   roles = Roles(*(jax.device_put(np.asarray(x), data) for x in roles))
-  text = jnp.zeros((2, 1), jnp.float32) if text is None else text
-  return fn(Params(*(_split_params(spec, params, fi_params))), jax.device_put(images, data), roles,
-            text, bank)
-
-
-def _split_params(spec: Spec, params, fi_params):
-  if spec.has_text:
-    return params, (fi_params if spec.fi_model is not None else None)
-  return None, params
+  return fn(split_params(spec, params, fi_params), jax.device_put(images, data), roles,
+            text_input(spec, text), bank)
 
 
 def pad_round(images: np.ndarray, roles, n: int):

@@ -81,7 +81,7 @@ def make_spec(cfg, conf: FiSeConfig, fi_cfg=None) -> Spec:
 
 
 def check_grids(spec: Spec, image_size: int) -> None:
-  """SeCLIP's mask must lie on FiCLIP's patch grid: both towers need the same patch size."""
+  """SeCLIP's mask must lie on FiCLIP's patch grid: both towers need the same grid at this size."""
   if spec.text_model is not None and spec.fi_model is not None:
     pt = registry.for_config(spec.text_model).patch_size(spec.text_model)
     pf = registry.for_config(spec.fi_model).patch_size(spec.fi_model)

@@ -188,3 +188,17 @@ def test_runs_print_no_lines_that_read_like_errors(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   for noise in ("Unable to initialize backend", "PyTorch was not found", "None of PyTorch"):
     assert noise not in p.stdout + p.stderr
+
+
+def test_fi_weights_on_another_patch_grid(demo_copy, tmp_path):
+  """SeCLIP's mask must lie on FiCLIP's grid: a DINOv2 with 16 px patches beside the demo CLIP's 14
+  (7 x 7 against 8 x 8 at 112 px) is a usage error before the model loads."""
+  import fiseclip_jax as fj
+  from fiseclip_jax import dinov2
+  cfg = dinov2.Dinov2Config.tiny(patch_size=16, image_size=64)
+  weights = tmp_path / "dinov2_p16.safetensors"
+  fj.save_checkpoint(str(weights), dinov2.init_params(cfg, 0), cfg)
+  p = run("eval.mvtec", f"--data_root={demo_copy}", f"--out={tmp_path / 'o'}", f"--fi_weights={weights}",
+          "--feature_layers=1,2,3,4", *FAST)
+  assert_one_line(p, 2, "--fi_weights", "patch grid (8)", "(7)")
+  assert not (tmp_path / "o").exists()

@@ -79,10 +79,11 @@ def check_model(conf, spec: ModelSpec) -> None:
   except ConfigError as e:
     raise UsageError(f"--{e.field} {e.detail}") from None
   if spec.has_text and spec.fi_cfg is not None:
-    pt, pf = text_b.patch_size(spec.cfg), fi_b.patch_size(fi_cfg)
-    if conf.image_size // pt != conf.image_size // pf:
-      raise UsageError(f"--fi_weights: its patch size {pf} gives another grid than CLIP's {pt} at "
-                       f"--image_size {conf.image_size}; SeCLIP's mask must lie on FiCLIP's grid")
+    from fiseclip_jax import pipeline
+    try:   # a Spec built directly: make_spec would pick the attention kernel, starting the backend
+      pipeline.check_grids(pipeline.Spec(conf, spec.cfg, spec.fi_cfg), conf.image_size)
+    except ValueError as e:
+      raise UsageError(f"--fi_weights: {e}") from None
 
 
 def setup_backend() -> str:

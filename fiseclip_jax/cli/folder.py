@@ -96,11 +96,12 @@ def _check_flags() -> bool:
   return has_bank
 
 
-def _bank_samples():
+def _known_good(folder: str, k_shot: int = 0):
+  """The images of a known-good folder (k_shot > 0: that many drawn with --seed), headers checked."""
   from fiseclip_jax import data, scoring
-  samples, _ = data.list_folder(FLAGS.normal_images, FLAGS.recursive)
-  if FLAGS.k_shot:
-    samples = scoring.draw(samples, FLAGS.k_shot, FLAGS.seed)
+  samples, _ = data.list_folder(folder, FLAGS.recursive)
+  if k_shot:
+    samples = scoring.draw(samples, k_shot, FLAGS.seed)
   problems = data.check_files(samples)
   if problems:
     raise problems[0].error
@@ -150,7 +151,7 @@ def run() -> None:
     raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
   unreadable = {p.sample.path: str(p.error) for p in problems}
   samples = [s for s in samples if s.path not in unreadable]
-  bank_samples = _bank_samples() if has_bank else []
+  bank_samples = _known_good(FLAGS.normal_images, FLAGS.k_shot) if has_bank else []
   good_samples = _known_good(FLAGS.threshold_from) if FLAGS.threshold_from else []
   backend = runtime.setup_backend()
   conf = options.fise_config(backend, has_bank)
@@ -195,15 +196,6 @@ def _setup(conf, spec, bank_samples) -> Setup:
   text = runtime.text_features(model, FLAGS.class_name, conf)
   bank = runtime.bank_on(model, conf, bank_samples, mesh) if bank_samples else None
   return Setup(model, mesh, text, bank)
-
-
-def _known_good(folder: str):
-  from fiseclip_jax import data
-  samples, _ = data.list_folder(folder, FLAGS.recursive)
-  problems = data.check_files(samples)
-  if problems:
-    raise problems[0].error
-  return samples
 
 
 def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_batch=None,

@@ -8,7 +8,7 @@ missing, degenerate AU-PRO curve) is `nan`, never 0.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 from scipy import ndimage
@@ -23,6 +23,11 @@ def image_metrics(labels, scores) -> Dict[str, float]:
   Equal to sklearn's roc_auc_score, average_precision_score and the maximum of 2PR/(P+R) over
   precision_recall_curve (ties included). All three are nan when only one class is present.
   """
+  return _curve_metrics(*_image_classes(labels, scores))
+
+
+def _image_classes(labels, scores):
+  """Checked image labels and scores -> the ascending scores of the positives and of the negatives."""
   labels, scores = np.asarray(labels), _floats(scores, "scores")
   if labels.ndim != 1 or scores.ndim != 1 or labels.shape != scores.shape:
     raise ValueError(f"labels and scores must be 1-D of one length, got labels {labels.shape} "
@@ -35,7 +40,7 @@ def image_metrics(labels, scores) -> Dict[str, float]:
     labels = labels == 1
   if not np.isfinite(scores).all():
     raise ValueError("scores contain NaN or inf")
-  return _curve_metrics(np.sort(scores[labels]), np.sort(scores[~labels]))
+  return np.sort(scores[labels]), np.sort(scores[~labels])
 
 
 def pixel_metrics(masks, maps, pro_thresholds: int = 200, max_fpr: float = 0.3,
@@ -95,14 +100,14 @@ def pixel_metrics(masks, maps, pro_thresholds: int = 200, max_fpr: float = 0.3,
                        minlength=pro_thresholds + 1)
     pro = np.cumsum(hist[::-1])[::-1][1:] / n_regions
     fpr = (neg.size - np.searchsorted(neg, t, "right")) / neg.size
-    aupro = _aupro(fpr, pro, max_fpr, pro_rescale)
     pro_curve = _pro_curve(fpr, pro, max_fpr, pro_rescale)
+    aupro = _area(pro_curve)
   pos.sort()
-  out = {**_curve_metrics(pos, neg, with_threshold=details), "aupro": aupro}
+  out = {**_curve_metrics(pos, neg, with_threshold=details, curve_points=max_points if details else None),
+         "aupro": aupro}
   if details:
     out = {"metrics": {k: out[k] for k in ("auroc", "f1_max", "ap", "aupro")},
-           "f1_threshold": out["f1_threshold"],
-           "curves": {**_curves(pos, neg, max_points), "pro": pro_curve}}
+           "f1_threshold": out["f1_threshold"], "curves": {**out["curves"], "pro": pro_curve}}
   return out
 
 
@@ -136,9 +141,8 @@ def region_weights(gt):
   return weights, n_regions
 
 
-def _aupro(fpr, pro, max_fpr, rescale):
-  """Trapezoid area under PRO vs rescaled FPR over the points with FPR < max_fpr."""
-  curve = _pro_curve(fpr, pro, max_fpr, rescale)
+def _area(curve):
+  """Trapezoid area under a `_pro_curve` (nan where there is none)."""
   if curve is None:
     return _NAN
   f, p = np.asarray(curve["fpr"]), np.asarray(curve["pro"])
@@ -159,18 +163,24 @@ def _pro_curve(fpr, pro, max_fpr, rescale):
   return {"fpr": [float(v) for v in f], "pro": [float(v) for v in p]}
 
 
-def _curve_metrics(pos, neg, with_threshold: bool = False):
+def _curve_metrics(pos, neg, with_threshold: bool = False, curve_points: Optional[int] = None):
   """AUROC, F1-max and AP from the ascending scores of the positives and of the negatives.
 
   AUROC = P(pos > neg) + P(pos == neg) / 2 (the ROC trapezoid, ties included). AP and F1 need only
   the thresholds at the distinct positive scores v (predicted: score >= v): recall changes only
   there, and between two of them F1 only falls as false positives are added.
   with_threshold: also "f1_threshold", where F1 is at its maximum (`operating_threshold`).
+  curve_points: also "curves": ROC (fpr, tpr) and PR (recall, precision) at those same thresholds,
+  thinned to that many points.
   """
   p, n = pos.size, neg.size
   if p == 0 or n == 0:
     out = {"auroc": _NAN, "f1_max": _NAN, "ap": _NAN}
-    return {**out, "f1_threshold": _NAN} if with_threshold else out
+    if with_threshold:
+      out["f1_threshold"] = _NAN
+    if curve_points is not None:
+      out["curves"] = {"roc": None, "pr": None}
+    return out
   first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])  # first index of each distinct value
   v, count = pos[first], np.diff(np.r_[first, p])  # distinct positive scores, their multiplicity
   below = np.searchsorted(neg, v, "left")  # negatives < v
@@ -183,9 +193,14 @@ def _curve_metrics(pos, neg, with_threshold: bool = False):
   out = {"auroc": float(auroc), "f1_max": float(np.max(f1)), "ap": ap}
   if with_threshold:
     best = int(np.argmax(f1))
-    below = [pos[first[best] - 1]] if first[best] > 0 else []
-    below += [neg[below_i - 1]] if (below_i := int(np.searchsorted(neg, v[best], "left"))) else []
-    out["f1_threshold"] = operating_threshold(float(v[best]), max(below) if below else None)
+    passed = [pos[first[best] - 1]] if first[best] > 0 else []
+    passed += [neg[below[best] - 1]] if below[best] else []
+    out["f1_threshold"] = operating_threshold(float(v[best]), max(passed) if passed else None)
+  if curve_points is not None:
+    fpr, tpr = np.r_[0.0, fp[::-1] / n, 1.0], np.r_[0.0, tp[::-1] / p, 1.0]
+    out["curves"] = {"roc": dict(zip(("fpr", "tpr"), _thin(fpr, tpr, curve_points))),
+                     "pr": dict(zip(("recall", "precision"),
+                                    _thin(tp / p, tp / (tp + fp), curve_points)))}
   return out
 
 
@@ -228,31 +243,14 @@ def _thin(x: np.ndarray, y: np.ndarray, max_points: int):
   return [float(v) for v in x], [float(v) for v in y]
 
 
-def _curves(pos, neg, max_points: int) -> Dict[str, dict]:
-  """ROC (fpr, tpr) and PR (recall, precision) at the distinct positive scores, thinned."""
-  p, n = pos.size, neg.size
-  if p == 0 or n == 0:
-    return {"roc": None, "pr": None}
-  first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
-  v = pos[first]
-  tp = (p - first).astype(np.float64)
-  fp = (n - np.searchsorted(neg, v, "left")).astype(np.float64)
-  fpr, tpr = np.r_[fp[::-1] / n, 1.0], np.r_[tp[::-1] / p, 1.0]
-  fpr, tpr = np.r_[0.0, fpr], np.r_[0.0, tpr]
-  roc = dict(zip(("fpr", "tpr"), _thin(fpr, tpr, max_points)))
-  pr = dict(zip(("recall", "precision"), _thin(tp / p, tp / (tp + fp), max_points)))
-  return {"roc": roc, "pr": pr}
-
-
 def image_report(labels, scores, fpr: float = 0.05, max_points: int = 512) -> dict:
   """Image metrics with their operating points and curves, for results and report pages.
 
   {"metrics": image_metrics, "f1_threshold": flag iff score >= it to get F1-max,
    "at_fpr": threshold_at_fpr of the normal images' scores, "curves": {"roc", "pr"}}.
   """
-  m = image_metrics(labels, scores)
-  labels, scores = np.asarray(labels) == 1, _floats(scores, "scores")
-  pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-  at_fpr = threshold_at_fpr(neg, fpr) if neg.size else None
-  return {"metrics": m, "f1_threshold": _curve_metrics(pos, neg, True)["f1_threshold"],
-          "at_fpr": at_fpr, "curves": _curves(pos, neg, max_points)}
+  pos, neg = _image_classes(labels, scores)
+  out = _curve_metrics(pos, neg, with_threshold=True, curve_points=max_points)
+  return {"metrics": {k: out[k] for k in ("auroc", "f1_max", "ap")},
+          "f1_threshold": out["f1_threshold"],
+          "at_fpr": threshold_at_fpr(neg, fpr) if neg.size else None, "curves": out["curves"]}

@@ -100,11 +100,12 @@ def read_original(image_path: str) -> np.ndarray:
   return np.asarray(read_rgb(image_path))
 
 
-def save_overlay(path: str, image_path: str, anomaly_map: np.ndarray, scale: ColourScale,
+def save_overlay(path: str, rgb: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale,
                  threshold: Optional[float] = None, score: Optional[float] = None,
                  ground_truth: Optional[np.ndarray] = None, max_side: Optional[int] = None) -> None:
-  """Write the overlay of an image as PNG at the image's own size (or shrunk to max_side)."""
-  out = render(read_original(image_path), anomaly_map, scale, threshold, score, ground_truth)
+  """Write the overlay of an image (`read_original`'s array) as PNG at its own size (or shrunk to
+  max_side)."""
+  out = render(rgb, anomaly_map, scale, threshold, score, ground_truth)
   img = Image.fromarray(out)
   if max_side and max(img.size) > max_side:
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)

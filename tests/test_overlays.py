@@ -11,7 +11,7 @@ def test_overlay_and_mask_keep_the_images_size(tmp_path):
   Image.fromarray(np.full((600, 800, 3), 128, np.uint8)).save(img)          # H 600, W 800
   amap = np.zeros((112, 112), np.float32)
   amap[40:60, 50:80] = 1.0
-  overlays.save_overlay(str(tmp_path / "o.png"), str(img), amap, overlays.ColourScale(0, 1), 0.5, 0.9)
+  overlays.save_overlay(str(tmp_path / "o.png"), overlays.read_original(str(img)), amap, overlays.ColourScale(0, 1), 0.5, 0.9)
   overlays.save_mask(str(tmp_path / "m.png"), amap, 0.5, (600, 800))
   assert Image.open(tmp_path / "o.png").size == (800, 600)
   mask = np.asarray(Image.open(tmp_path / "m.png"))

@@ -240,9 +240,7 @@ def _write_maps(s, anomaly_map, score, decision) -> None:
   t_px = decision["pixel_threshold"]
   scale = overlays.ColourScale.parse(FLAGS.map_range, t_px)
   base = os.path.join(FLAGS.out, "maps", _rel(s.path))
-  os.makedirs(os.path.dirname(base), exist_ok=True)
-  from PIL import Image
-  Image.fromarray(overlays.render(rgb, anomaly_map, scale, t_px, float(score))).save(base + ".png")
+  overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score))
   np.save(base + ".npy", overlays.resize_map(anomaly_map, hw).astype(np.float16))
   if t_px is not None:
     overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)

@@ -73,9 +73,9 @@ def write_category(cat: str, result: dict, scored, samples) -> dict:
 
   def draw(j: int, path: str, max_side=None) -> None:
     s = samples_of[j]
-    h, w = np.asarray(overlays.read_original(s.path)).shape[:2]
-    overlays.save_overlay(path, s.path, scored.maps[j], scale, t_px, float(scored.scores[j]),
-                          overlays.ground_truth_mask(s.mask_path, (h, w)), max_side)
+    rgb = overlays.read_original(s.path)
+    overlays.save_overlay(path, rgb, scored.maps[j], scale, t_px, float(scored.scores[j]),
+                          overlays.ground_truth_mask(s.mask_path, rgb.shape[:2]), max_side)
 
   if FLAGS.save_maps:
     for j, s in enumerate(samples_of):

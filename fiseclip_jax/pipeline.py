@@ -50,7 +50,7 @@ class Spec:
   def __post_init__(self):
     if self.text_model is None and self.fi_model is None:
       raise ValueError("a Spec needs a text-aligned tower, a FiCLIP tower, or both")
-    if self.text_model is not None and registry.for_config(self.text_model).hooks is None:
+    if self.text_model is not None and not registry.text_aligned(self.text_model):
       raise ValueError(f"{type(self.text_model).__name__} has no text tower: pass it as fi_model")
 
   @property
@@ -69,7 +69,7 @@ class Spec:
 
 def make_spec(cfg, conf: FiSeConfig, fi_cfg=None) -> Spec:
   """A Spec from a backbone config (CLIP, or DINOv2 alone) and an optional FiCLIP tower."""
-  text_aligned = registry.for_config(cfg).hooks is not None
+  text_aligned = registry.text_aligned(cfg)
   if not text_aligned and fi_cfg is not None:
     raise ValueError("two FiCLIP towers: the first config must be a text-aligned one (CLIP)")
   if text_aligned:

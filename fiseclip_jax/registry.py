@@ -28,6 +28,11 @@ def for_config(cfg) -> Backbone:
                   f"{[b.config_type.__name__ for b in BACKBONES.values()]}")
 
 
+def text_aligned(cfg) -> bool:
+  """Whether `cfg`'s backbone exposes the hooks SeCLIP needs (a text tower: CLIP, not DINOv2)."""
+  return for_config(cfg).hooks is not None
+
+
 def for_hf_config(hf_config: dict, where: str) -> Backbone:
   """The backbone of a Hugging Face config.json (CLIPModel, Dinov2Model)."""
   for b in BACKBONES.values():

@@ -26,7 +26,7 @@ class Model(NamedTuple):
   @property
   def has_text(self) -> bool:
     from fiseclip_jax import registry
-    return registry.for_config(self.cfg).hooks is not None
+    return registry.text_aligned(self.cfg)
 
   def kwargs(self) -> dict:
     """The FiCLIP tower as the keyword arguments of the pipeline's entry points."""

@@ -26,7 +26,7 @@ class ModelSpec(NamedTuple):
   @property
   def has_text(self) -> bool:
     from fiseclip_jax import registry
-    return registry.for_config(self.cfg).hooks is not None
+    return registry.text_aligned(self.cfg)
 
   def identity(self) -> dict:
     ident = {"checkpoint_sha256": self.checkpoint["sha256"] or self.checkpoint["weights"],

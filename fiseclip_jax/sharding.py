@@ -23,10 +23,19 @@ from fiseclip_jax.references import Roles
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
-  """Multi-host set-up (TPU pods, multi-node GPU); arguments are auto-detected on TPU / SLURM."""
+  """Multi-host set-up (TPU pods, multi-node GPU); arguments are auto-detected on TPU / SLURM.
+
+  Ends with one tiny all-gather, while every process stands at the same point: on CPU the first
+  cross-process collective connects the processes (gloo) and waits only 30 s for its peers, and
+  the first real gather comes after scoring, when processes can be further apart than that. Later
+  collectives reuse the connection and wait as long as it takes.
+  """
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
                                   process_id=process_id).items() if v is not None}
   jax.distributed.initialize(**kwargs)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.process_allgather(np.zeros(1, np.int32))
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

@@ -32,6 +32,21 @@ def finish(proc):
   return out
 
 
+def finish_all(procs, timeout=600):
+  """Each process's stdout once all have exited (a straggler is killed); asserts all exited 0."""
+  results = []
+  for p in procs:
+    try:
+      results.append(p.communicate(timeout=timeout))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      results.append(p.communicate())
+  codes = [p.returncode for p in procs]
+  assert codes == [0] * len(procs), "\n".join(
+      f"process {i}: exit {c}\n{err[-4000:]}" for i, (c, (_, err)) in enumerate(zip(codes, results)))
+  return [out for out, _ in results]
+
+
 def read(out):
   doc = json.loads((out / "results.json").read_text())
   with open(out / "scores" / "hazelnut.csv") as f:
@@ -65,16 +80,41 @@ def free_port():
 
 
 def test_two_processes_equal_one(tmp_path):
-  # The single-process run starts only after the pair: on a 2-core machine a third process can
-  # starve one of the pair past the 30 s that JAX's CPU (gloo) collectives wait for the other.
   port = free_port()
   procs = [run_eval(tmp_path / "multi", 4, "--batch_size=4", "--multihost", f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}") for i in range(2)]
-  outs = [finish(p) for p in procs]
-  finish(run_eval(tmp_path / "single", 1, "--batch_size=4"))
+  single = run_eval(tmp_path / "single", 1, "--batch_size=4")      # a third process on 2 cores: the pair drifts
+  outs = finish_all(procs)
+  finish(single)
   assert "2 process(es)" in outs[0]
   assert "wrote" in outs[0] and "wrote" not in outs[1]          # process 0 alone writes files
   assert_same(tmp_path / "single", tmp_path / "multi")
+
+
+# Process 1 reaches its first gather 35 s after process 0: longer than the 30 s that JAX's CPU
+# (gloo) collectives wait for their peers while they first connect. Scoring shares drift that far
+# apart on a loaded machine; the gather must still meet.
+DRIFTING_GATHER = """
+import sys, time
+import jax
+import numpy as np
+from fiseclip_jax import sharding
+pid = int(sys.argv[2])
+sharding.initialize(sys.argv[1], 2, pid)
+jax.local_devices()                      # the backend starts (a programme then loads its model)
+if pid == 1:
+  time.sleep(35)
+print(sharding.gather_rows(np.arange(pid + 1)).tolist())
+"""
+
+
+def test_gather_rows_after_processes_drift_apart():
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", DRIFTING_GATHER, f"localhost:{port}", str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = finish_all(procs, timeout=120)
+  assert [out.splitlines()[-1] for out in outs] == ["[0, 0, 1]"] * 2     # unequal shares, process order
 
 
 def test_pad_round_and_process_share():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Optional, Sequence
 
 from absl import flags
@@ -133,12 +134,13 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
 
 
 def check_out_dir(path: str) -> None:
-  """--out must be a folder this process can create and write in."""
-  probe = os.path.join(path, ".fiseclip_write_test")
+  """--out must be a folder this process can create and write in.
+
+  The probe file has a unique name: every process of a multi-host run checks the same folder.
+  """
   try:
     os.makedirs(path, exist_ok=True)
-    with open(probe, "w") as f:
+    with tempfile.NamedTemporaryFile("w", dir=path, prefix=".fiseclip_write_test") as f:
       f.write("ok")
-    os.remove(probe)
   except OSError as e:
     raise UsageError(f"--out {path}: not a writable folder ({e.strerror or e})") from None

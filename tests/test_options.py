@@ -1,0 +1,25 @@
+"""cli.options: the checks every program runs before it loads a model."""
+import threading
+
+from fiseclip_jax.cli import options
+
+
+def test_out_dir_check_is_safe_for_processes_sharing_the_folder(tmp_path):
+  """Every process of a multi-host run checks the same --out: their write probes must not collide
+  (one removing the probe another just wrote made the other fail with 'No such file')."""
+  errors = []
+
+  def check():
+    for _ in range(200):
+      try:
+        options.check_out_dir(str(tmp_path / "out"))
+      except Exception as e:   # noqa: BLE001 - any failure is the bug
+        errors.append(e)
+
+  threads = [threading.Thread(target=check) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors[:3]
+  assert list((tmp_path / "out").iterdir()) == []       # no probe left behind

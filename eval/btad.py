@@ -1,5 +1,5 @@
-"""Entry point in a checkout: `python -m eval.btad` runs `fiseclip-btad` (fiseclip_jax.cli.btad)."""
-from fiseclip_jax.cli import btad
+"""Entry point in a checkout: `python -m eval.btad` runs `fiseclip-btad` (fiseclip_jax.cli.evaluate --dataset btad)."""
+from fiseclip_jax.cli import evaluate
 
 if __name__ == "__main__":
-  btad.main()
+  evaluate.btad_main()

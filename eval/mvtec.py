@@ -1,5 +1,5 @@
-"""Entry point in a checkout: `python -m eval.mvtec` runs `fiseclip-mvtec` (fiseclip_jax.cli.mvtec)."""
-from fiseclip_jax.cli import mvtec
+"""Entry point in a checkout: `python -m eval.mvtec` runs `fiseclip-mvtec` (fiseclip_jax.cli.evaluate --dataset mvtec)."""
+from fiseclip_jax.cli import evaluate
 
 if __name__ == "__main__":
-  mvtec.main()
+  evaluate.mvtec_main()

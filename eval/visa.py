@@ -1,5 +1,5 @@
-"""Entry point in a checkout: `python -m eval.visa` runs `fiseclip-visa` (fiseclip_jax.cli.visa)."""
-from fiseclip_jax.cli import visa
+"""Entry point in a checkout: `python -m eval.visa` runs `fiseclip-visa` (fiseclip_jax.cli.evaluate --dataset visa)."""
+from fiseclip_jax.cli import evaluate
 
 if __name__ == "__main__":
-  visa.main()
+  evaluate.visa_main()

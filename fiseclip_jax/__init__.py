@@ -1,25 +1,36 @@
 """FiSeCLIP-JAX: zero-shot industrial anomaly detection (FiSeCLIP, ICCV 2025 workshops) in JAX.
 
-Names are imported on first use, so `fiseclip_jax.config` or the data readers load without JAX and
-a program can check its flags and files before paying for the model.
+The package's face for users: `import fiseclip_jax as fj`. Names are imported on first use, so
+`fiseclip_jax.core` or the data readers load without JAX and a program can check its flags and
+files before paying for the model. Code inside the package imports the modules themselves, never
+this face. The layout and which way imports go: docs/DESIGN.md "Layout".
 """
 import importlib
 
-__version__ = "0.1.0"
+from fiseclip_jax.core.version import __version__  # noqa: F401  (the face says its version)
 
 _EXPORTS = {
-    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "encode_text": "clip", "init_params": "clip", "logit_scale": "clip", "tokenize": "clip",
-    "CLIPConfig": "config", "FiSeConfig": "config", "ConfigError": "config",
-    "lnamd": "ficlip", "mutual_scores": "ficlip",
-    "DetectResult": "pipeline", "SeCLIPOnlyWarning": "pipeline", "build_bank": "pipeline",
-    "detect": "pipeline", "empty_stream": "pipeline", "score_stream": "pipeline",
-    "encode_image": "pipeline", "ImageFeatures": "pipeline", "Spec": "pipeline",
-    "make_spec": "pipeline",
-    "Roles": "references", "make_roles": "references",
-    "text_features": "prompts",
+    # Settings and errors.
+    "FiSeConfig": "core.config", "ConfigError": "core.config", "CheckpointError": "core.errors",
+    # Towers.
+    "Tower": "models.tower", "TextAlignedTower": "models.tower", "Encoded": "models.tower",
+    "register_tower": "models.registry", "tower_for": "models.registry",
+    "init_params": "models.registry",
+    "CLIPConfig": "models.clip.config", "Dinov2Config": "models.dinov2.config",
+    "encode_text": "models.clip.model", "logit_scale": "models.clip.model",
+    "tokenize": "models.clip.tokenizer",
+    # The method.
+    "Spec": "method.spec", "make_spec": "method.api", "Model": "method.api",
+    "DetectResult": "method.pipeline", "ImageFeatures": "method.api",
+    "SeCLIPOnlyWarning": "method.api", "detect": "method.api", "build_bank": "method.api",
+    "empty_stream": "method.api", "score_stream": "method.api", "encode_image": "method.api",
+    "Roles": "method.references", "make_roles": "method.references",
+    "lnamd": "method.ficlip", "mutual_scores": "method.ficlip",
+    "text_features": "method.prompts",
+    # Checkpoints.
+    "load_checkpoint": "convert.checkpoint", "save_checkpoint": "convert.checkpoint",
 }
-__all__ = sorted(_EXPORTS) + ["metrics"]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 import fiseclip_jax as fj
-from fiseclip_jax import pipeline, timing
-from fiseclip_jax.cli import bench, bench_torch, runtime
+from fiseclip_jax.bench import config as bench_config
+from fiseclip_jax.bench import metrics_bench, stages as bench, timing
+from fiseclip_jax.bench import table as bench_table
+from fiseclip_jax.bench import torch_tower as bench_torch
+from fiseclip_jax.method import pipeline, seclip
+from fiseclip_jax.models.clip import model as clip_model
+from fiseclip_jax.outputs.provenance import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 56
@@ -31,8 +36,8 @@ def positive(x):
 
 def check_stage_rows(rows, batch=2, dtype="float32"):
   by_stage = {r["stage"]: r for r in rows if r.get("batch") == batch and r.get("dtype") == dtype}
-  assert set(pipeline.STAGES) <= set(by_stage), sorted(by_stage)
-  for name in pipeline.STAGES:
+  assert set(bench_config.STAGES) <= set(by_stage), sorted(by_stage)
+  for name in bench_config.STAGES:
     r = by_stage[name]
     assert "error" not in r, r
     missing = set(ROW_KEYS) - set(r)
@@ -48,13 +53,13 @@ def check_stage_rows(rows, batch=2, dtype="float32"):
 
 def test_analytic_flops_match_the_issue_figures():
   cfg, conf = bench.model_configs("vit_l14_336", 518)
-  assert 0.95e12 < fj.clip.tower_flops(cfg, 518) < 1.1e12                    # ~1.0 TFLOP/image
+  assert 0.95e12 < clip_model.tower_flops(cfg, 518) < 1.1e12                    # ~1.0 TFLOP/image
   flops = pipeline.stage_flops(fj.make_spec(cfg, conf), 518, 16)
   assert 0.33e12 < flops["mutual_filtering"] / 16 < 0.36e12                  # ~0.35 TFLOP/image
-  assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in pipeline.STAGES[:-1]))
+  assert flops["end_to_end"] == pytest.approx(sum(flops[k] for k in bench_config.STAGES[:-1]))
   # The proxy block runs in the seclip stage (from the tower's hooks): counted there, not in encoder.
-  assert flops["encoder"] == pytest.approx(16 * fj.clip.tower_flops(cfg, 518))
-  assert flops["seclip"] > 16 * fj.seclip.flops(cfg.vision_width, cfg.embed_dim, 518 // cfg.patch_size, conf)
+  assert flops["encoder"] == pytest.approx(16 * clip_model.tower_flops(cfg, 518))
+  assert flops["seclip"] > 16 * seclip.flops(cfg.vision_width, cfg.embed_dim, 518 // cfg.patch_size, conf)
   # A bank of 16 adds 16 one-way pairs per image; bank-only scoring drops the batch's pairs.
   both = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="both")), 518, 16, 16)
   bank = pipeline.stage_flops(fj.make_spec(cfg, conf.replace(references="bank")), 518, 16, 16)
@@ -74,7 +79,7 @@ def test_bench_rows_in_process():
   rows = bench.bench_rows(params, cfg, conf, 2, repeats=1, peak=1.0)
   check_stage_rows(rows)
   refs = {r["stage"]: r for r in bench.reference_rows(params, cfg, conf, 2, 3, repeats=1, peak=1.0)}
-  assert set(refs) == set(bench.REFERENCE_STAGES)
+  assert set(refs) == set(bench_config.REFERENCE_STAGES)
   assert refs["bank_features"]["batch"] == 3 and refs["end_to_end_bank"]["batch"] == 2
   for r in refs.values():
     assert positive(r["ms_per_image"]) and positive(r["flops_analytic"]), r
@@ -86,16 +91,16 @@ def test_bench_rows_in_process():
     enc = next(r for r in rows if r["stage"] == "encoder")
     assert positive(enc["torch_ms_per_image"]) and positive(enc["jax_over_torch"])
   table = io.StringIO()
-  result = {"machine": timing.machine(), "versions": runtime.versions(), "date": "today",
+  result = {"machine": timing.machine(), "versions": versions(), "date": "today",
             "peak": {"tflops": {"float32": 1.0}, "source": "test"}, "rows": rows}
-  bench.print_table(result, file=table)
+  bench_table.print_table(result, file=table)
   text = table.getvalue()
-  for name in pipeline.STAGES:
+  for name in bench_config.STAGES:
     assert name in text
 
 
 def test_metrics_bench_small():
-  out = bench.metrics_bench(n=6, size=48)
+  out = metrics_bench.metrics_bench(n=6, size=48)
   assert out["pixels"] == 6 * 48 * 48
   assert positive(out["pixel_metrics_s"]) and positive(out["image_metrics_s"])
   assert set(out["pixel_metrics"]) == {"auroc", "f1_max", "ap", "aupro"}

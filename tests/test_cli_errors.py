@@ -147,11 +147,11 @@ def test_corrupt_results_json_is_reported_not_overwritten(tmp_path):
 def test_full_disk_is_one_line(tmp_path):
   """Writing the results fails with ENOSPC: one line, exit 1."""
   code = ("import errno, sys\n"
-          "import fiseclip_jax.reports as r\n"
+          "import fiseclip_jax.outputs.files as r\n"
           "def full(path, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device', path)\n"
           "r.atomic_write = full\n"
-          "from fiseclip_jax.cli import mvtec\n"
-          "mvtec.main(sys.argv)\n")
+          "from fiseclip_jax.cli import evaluate\n"
+          "evaluate.mvtec_main(sys.argv)\n")
   p = subprocess.run([sys.executable, "-c", code, f"--data_root={demo_root()}", f"--out={tmp_path}",
                       *FAST], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert_one_line(p, 1, "No space left on device")
@@ -194,10 +194,9 @@ def test_fi_weights_on_another_patch_grid(demo_copy, tmp_path):
   """SeCLIP's mask must lie on FiCLIP's grid: a DINOv2 with 16 px patches beside the demo CLIP's 14
   (7 x 7 against 8 x 8 at 112 px) is a usage error before the model loads."""
   import fiseclip_jax as fj
-  from fiseclip_jax import dinov2
-  cfg = dinov2.Dinov2Config.tiny(patch_size=16, image_size=64)
+  cfg = fj.Dinov2Config.tiny(patch_size=16, image_size=64)
   weights = tmp_path / "dinov2_p16.safetensors"
-  fj.save_checkpoint(str(weights), dinov2.init_params(cfg, 0), cfg)
+  fj.save_checkpoint(str(weights), fj.init_params(cfg, 0), cfg)
   p = run("eval.mvtec", f"--data_root={demo_copy}", f"--out={tmp_path / 'o'}", f"--fi_weights={weights}",
           "--feature_layers=1,2,3,4", *FAST)
   assert_one_line(p, 2, "--fi_weights", "patch grid (8)", "(7)")

@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
+from fiseclip_jax.method import pipeline
+from fiseclip_jax.method.spec import Params
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
+
+
+def unit_pixels(normalized):
+  """The RGB in [0, 1] that OpenAI's normalization maps to `normalized` (what fj takes; the
+  transformers reference is fed `normalized` itself)."""
+  from fiseclip_jax.models.clip.config import OPENAI_MEAN, OPENAI_STD
+  return (normalized * np.asarray(OPENAI_STD, np.float32) + np.asarray(OPENAI_MEAN, np.float32))
 
 
 def hf_reference(model, pixels, feature_layers, proxy_layer, proxy_heads="mean", proxy_attention="layer"):
@@ -69,7 +78,7 @@ def test_image_parity_at_larger_size(converted, proxy_heads, proxy_attention, pr
   pixels = np.random.RandomState(0).randn(2, 98, 98, 3).astype(np.float32)   # 7x7 grid, trained 4x4
   layers = (1, 2, 4)
   ref_layers, ref_cls, ref_proxy = hf_reference(model, pixels, layers, proxy_layer, proxy_heads, proxy_attention)
-  out = fj.encode_image(params, cfg, pixels, feature_layers=layers, proxy_layer=proxy_layer,
+  out = fj.encode_image(params, cfg, unit_pixels(pixels), feature_layers=layers, proxy_layer=proxy_layer,
                         proxy_heads=proxy_heads, proxy_attention=proxy_attention)
   assert out.layer_tokens.shape == (3, 2, 50, 48)
   for i, ref in enumerate(ref_layers):
@@ -82,7 +91,7 @@ def test_image_parity_at_trained_size(converted):
   params, cfg, model = converted
   pixels = np.random.RandomState(1).randn(3, 56, 56, 3).astype(np.float32)
   ref_layers, ref_cls, ref_proxy = hf_reference(model, pixels, (3,), 2)
-  out = fj.encode_image(params, cfg, pixels, feature_layers=(3,), proxy_layer=2)
+  out = fj.encode_image(params, cfg, unit_pixels(pixels), feature_layers=(3,), proxy_layer=2)
   assert max_err(out.layer_tokens[0], ref_layers[0]) < TOL
   assert max_err(out.cls_embed, ref_cls) < TOL
   assert max_err(out.proxy_patch_embed, ref_proxy) < TOL
@@ -103,7 +112,7 @@ def test_logit_scale_read_from_checkpoint(converted):
 
 def count_traces(monkeypatch):
   """Calls of the tower's patch embedding while tracing: one per compile of anything using it."""
-  from fiseclip_jax.clip import model
+  from fiseclip_jax.models.clip import model
   traces = []
   embed = model.embed_patches
   monkeypatch.setattr(model, "embed_patches", lambda *a: (traces.append(1), embed(*a))[1])
@@ -128,7 +137,7 @@ def test_block_stack_traced_once_per_segment():
   params = fj.init_params(cfg, 0)
   conf = fj.FiSeConfig(image_size=56, feature_layers=(6, 12, 18, 24), proxy_layer=12)
   spec = fj.make_spec(cfg, conf)
-  jaxpr = jax.make_jaxpr(lambda p, x: fj.pipeline.encode(spec, fj.pipeline.Params(p, None), x))(
+  jaxpr = jax.make_jaxpr(lambda p, x: pipeline.encode(spec, Params(p, None), x))(
       params, jnp.zeros((1, 56, 56, 3)))
   text = str(jaxpr)
   assert text.count("scan[") <= 6    # block segments ending at 6, 11, 12, 18, 23, 24

@@ -12,8 +12,8 @@ import pytest
 
 import fiseclip_jax as fj
 from conftest import make_hf_clip
-from test_clip import hf_reference, max_err
-from fiseclip_jax import convert as conv
+from test_clip import hf_reference, max_err, unit_pixels
+from fiseclip_jax.convert import sources as conv
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
@@ -46,7 +46,7 @@ def test_vit_l14_336_parity_at_518(tmp_path):
   assert cfg == fj.CLIPConfig.vit_l14_336()
   t_convert = time.time() - t0
   t0 = time.time()
-  out = fj.encode_image(params, cfg, pixels, feature_layers=LAYERS, proxy_layer=PROXY_LAYER)
+  out = fj.encode_image(params, cfg, unit_pixels(pixels), feature_layers=LAYERS, proxy_layer=PROXY_LAYER)
   text = fj.encode_text(params, cfg, ids)
   layer_tokens, cls_embed, proxy = (np.asarray(a) for a in (out.layer_tokens, out.cls_embed,
                                                              out.proxy_patch_embed))

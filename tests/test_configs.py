@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 
 from fiseclip_jax.cli import options
-from fiseclip_jax.config import FiSeConfig
+from fiseclip_jax.core.config import FiSeConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "eval" / "configs"
 FEATURE_MATCHING_ALONE = dict(se_weight=0.0, image_score="max")      # Tables 3 and 4

@@ -16,8 +16,8 @@ import pytest
 
 import fiseclip_jax as fj
 from conftest import make_hf_clip
-from fiseclip_jax.checkpoint import flatten, read_metadata, sha256_file
-from fiseclip_jax import convert as conv
+from fiseclip_jax.convert.header import flatten, read_metadata, sha256_file
+from fiseclip_jax.convert import sources as conv
 
 torch = pytest.importorskip("torch")
 REPO = Path(__file__).resolve().parents[1]
@@ -485,7 +485,7 @@ def test_openai_layout_extra_key(sources, tmp_path):
 
 def test_head_counts_override_for_openai_layout(sources):
   """OpenAI layout stores no head count: width // 64 unless told (open_clip ViT-H/14 has 16 heads)."""
-  from fiseclip_jax.convert import convert
+  from fiseclip_jax.convert.sources import convert
   _, guessed, _ = convert(sources["open_clip_pt"])
   assert (guessed.vision_heads, guessed.text_heads) == (2, 1)
   params, told, _ = convert(sources["open_clip_pt"], vision_heads=4, text_heads=2)

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiseclip_jax.checkpoint import CheckpointError
-from fiseclip_jax.dinov2 import (Dinov2Config, config_from_hf, encode, final_layer_norm,
-                                 hf_to_params, init_params, is_dinov2_config, param_shapes)
+from fiseclip_jax.core.errors import CheckpointError
+from fiseclip_jax.convert.dinov2 import config_from_hf, hf_to_params, is_dinov2_config
+from fiseclip_jax.models.dinov2.config import Dinov2Config
+from fiseclip_jax.models.dinov2.model import (final_layer_norm, hidden_states, init_params,
+                                              param_shapes)
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
@@ -110,7 +112,7 @@ def test_parity_all_layers(hf_models, variant, hw):
   pixels = np.random.RandomState(0).randn(2, *hw, 3).astype(np.float32)
   ref, ref_last = hf_hidden_states(model, pixels)
   layers = tuple(range(cfg.layers + 1))            # the embeddings and every block
-  out = encode(params, cfg, pixels, layers)
+  out = hidden_states(params, cfg, pixels, layers)
   t = 1 + (hw[0] // 14) * (hw[1] // 14)
   assert out.shape == (len(layers), 2, t, 48) and len(ref) == len(layers)
   errs = [max_err(out[i], ref[i]) for i in layers]
@@ -122,7 +124,7 @@ def test_layer_order_and_subsets(converted):
   params, cfg, model, _ = converted
   pixels = np.random.RandomState(1).randn(1, 70, 42, 3).astype(np.float32)
   ref, _ = hf_hidden_states(model, pixels)
-  out = encode(params, cfg, pixels, (3, 1, 3))
+  out = hidden_states(params, cfg, pixels, (3, 1, 3))
   for i, layer in enumerate((3, 1, 3)):
     assert max_err(out[i], ref[layer]) < TOL
 
@@ -204,8 +206,8 @@ def test_bf16_close_to_f32():
   cfg = Dinov2Config.tiny()
   params = init_params(cfg, 0)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 70, 98, 3))
-  f32 = np.asarray(encode(params, cfg, x, (4,)))
-  bf16 = np.asarray(encode(params, cfg, x, (4,), compute_dtype="bfloat16"))
+  f32 = np.asarray(hidden_states(params, cfg, x, (4,)))
+  bf16 = np.asarray(hidden_states(params, cfg, x, (4,), compute_dtype="bfloat16"))
   assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
   assert max_err(bf16, f32) < 0.05 * np.abs(f32).max()
 
@@ -215,7 +217,7 @@ def test_random_tower_stays_informative():
   cfg = Dinov2Config.tiny(layers=40, use_swiglu_ffn=True)
   params = init_params(cfg, 0)
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 84, 84, 3))
-  first, last = np.asarray(encode(params, cfg, x, (0, 40)))[:, 0, 1:]       # (T, W) each
+  first, last = np.asarray(hidden_states(params, cfg, x, (0, 40)))[:, 0, 1:]       # (T, W) each
   unit = last / np.linalg.norm(last, axis=-1, keepdims=True)
   off = (unit @ unit.T)[~np.eye(len(unit), dtype=bool)]
   assert off.mean() < 0.5, off.mean()
@@ -227,8 +229,8 @@ def test_random_tower_stays_informative():
 def test_blocks_traced_once_per_segment():
   cfg = Dinov2Config.tiny(layers=24)
   params = init_params(cfg, 0)
-  from fiseclip_jax.dinov2 import encode_streams
-  jaxpr = str(jax.make_jaxpr(lambda p, x: encode_streams(p, cfg, x, (6, 12, 18, 24), "float32", None))(
+  from fiseclip_jax.models.dinov2.model import encode
+  jaxpr = str(jax.make_jaxpr(lambda p, x: encode(p, cfg, x, (6, 12, 18, 24), "float32", None))(
       params, jnp.zeros((1, 56, 56, 3))))
   assert jaxpr.count("scan[") == 4
   assert jaxpr.count("dot_general") < 40
@@ -238,9 +240,9 @@ def test_bad_inputs_are_clear_errors():
   cfg = Dinov2Config.tiny()
   params = init_params(cfg)
   with pytest.raises(ValueError, match="multiple of the patch size"):
-    encode(params, cfg, jnp.zeros((1, 50, 56, 3)), (1,))
+    hidden_states(params, cfg, jnp.zeros((1, 50, 56, 3)), (1,))
   with pytest.raises(ValueError, match="must lie in"):
-    encode(params, cfg, jnp.zeros((1, 56, 56, 3)), (5,))
+    hidden_states(params, cfg, jnp.zeros((1, 56, 56, 3)), (5,))
 
 
 @pytest.mark.slow
@@ -264,7 +266,7 @@ def test_vit_l14_parity_at_518():
   t_torch = time.time() - t0
   del model
   t0 = time.time()
-  out = np.asarray(encode(params, cfg, pixels, layers))
+  out = np.asarray(hidden_states(params, cfg, pixels, layers))
   t_jax = time.time() - t0
   assert out.shape == (len(layers), 1, 1370, 1024)
   errs = [max_err(out[i], ref[layer]) for i, layer in enumerate(layers)]
@@ -275,14 +277,13 @@ def test_vit_l14_parity_at_518():
 
 def test_parity_through_the_converter_program_and_the_pipeline(hf_models, tmp_path):
   """The user's path: `python -m weights.convert` on the save_pretrained folder, fj.load_checkpoint
-  (which returns a Dinov2Config), then fj.encode_image on OpenAI-normalized inputs (the loader's),
-  which the pipeline renormalizes to ImageNet's statistics for DINOv2. Non-native size 98x70."""
+  (which returns a Dinov2Config), then fj.encode_image on RGB in [0, 1] (the loader's), which the
+  DINOv2 tower normalizes with ImageNet's statistics. Non-native size 98x70."""
   import subprocess
   import sys
   from pathlib import Path
   import fiseclip_jax as fj
-  from fiseclip_jax.data.preprocess import OPENAI_MEAN, OPENAI_STD
-  from fiseclip_jax.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+  from fiseclip_jax.models.dinov2.config import IMAGENET_MEAN, IMAGENET_STD
   _, _, model, folder = hf_models["gelu"]
   out = tmp_path / "dinov2.safetensors"
   p = subprocess.run([sys.executable, "-m", "weights.convert", f"--src={folder}", f"--out={out}"],
@@ -293,10 +294,9 @@ def test_parity_through_the_converter_program_and_the_pipeline(hf_models, tmp_pa
   assert isinstance(cfg, Dinov2Config) and cfg.layers == 4
   pixels = np.random.RandomState(3).rand(2, 98, 70, 3)                      # RGB in [0, 1]
   imagenet = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-  openai = ((pixels - OPENAI_MEAN) / OPENAI_STD).astype(np.float32)
   ref, _ = hf_hidden_states(model, imagenet)
   layers = (1, 2, 3, 4)
-  feats = fj.encode_image(params, cfg, openai, feature_layers=layers)
+  feats = fj.encode_image(params, cfg, pixels.astype(np.float32), feature_layers=layers)
   assert feats.cls_embed is None and feats.proxy_patch_embed is None
   errs = [max_err(feats.layer_tokens[i], ref[layer]) for i, layer in enumerate(layers)]
   assert max(errs) < TOL, errs

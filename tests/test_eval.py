@@ -189,11 +189,10 @@ def test_dinov2_features_with_clip_text_and_dinov2_alone(tmp_path):
   """--fi_weights: FiCLIP matches DINOv2 features while CLIP keeps SeCLIP; DINOv2 as --weights alone
   runs FiCLIP only and says so. Random weights for both towers, on the shared hazelnut set."""
   import fiseclip_jax as fj
-  from fiseclip_jax import dinov2
   root = shared_data("otx_hazelnut_colour")
-  cfg = dinov2.Dinov2Config.tiny(layers=4, width=48, heads=4)
+  cfg = fj.Dinov2Config.tiny(layers=4, width=48, heads=4)
   weights = tmp_path / "dinov2.safetensors"
-  fj.save_checkpoint(str(weights), dinov2.init_params(cfg, 0), cfg)
+  fj.save_checkpoint(str(weights), fj.init_params(cfg, 0), cfg)
   p = run("eval.mvtec", f"--data_root={root}", f"--out={tmp_path / 'both'}", f"--fi_weights={weights}",
           "--feature_layers=1,2,3,4", *FAST)
   doc = json.loads((tmp_path / "both" / "results.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import jax.numpy as jnp
 
 import fiseclip_jax as fj
-from fiseclip_jax import ficlip
+from fiseclip_jax.method import ficlip
 
 
 def test_interval_k_is_computed_in_integers():
@@ -24,6 +24,22 @@ def test_interval_k_is_computed_in_integers():
     s, n_ref = ficlip.aggregate(jnp.asarray(d), jnp.ones((1, n), bool), frac, "interval")
     assert int(n_ref[0]) == n
     np.testing.assert_allclose(float(s[0, 0, 0]), 1.0 / k, rtol=1e-6, err_msg=f"{frac} x {n}")
+
+
+def test_interval_k_reads_the_fraction_as_written_without_rounding_it():
+  """DESIGN.md §4: topk_frac is the decimal its shortest repr writes, never rounded to fewer
+  digits. 1/3 as a float is 0.3333333333333333, and 0.3333333333333333 x 6 = 1.9999999999999998:
+  k = 1 (the NumPy reference's rule). Rounding the fraction to 4 decimals (1/3) would give k = 2.
+  Also when num * n_ref overflows int32 (16-digit numerators): the exact host table."""
+  import numpy_reference as ref
+  for frac, n in ((1 / 3, 6), (1 / 3, 300), (2 / 3, 9), (0.1234567, 7000), (0.3, 6)):
+    k = ref.topk_count(frac, n)
+    # 0 below the k-th, 1 at it, 3 above: the mean of the k smallest is 1/k; of k + 1, 4/(k + 1).
+    i = np.arange(n)
+    d = np.where(i < k - 1, 0.0, np.where(i == k - 1, 1.0, 3.0)).astype(np.float32)[None, None, :, None]
+    s, _ = ficlip.aggregate(jnp.asarray(d), jnp.ones((1, n), bool), frac, "interval")
+    np.testing.assert_allclose(float(s[0, 0, 0]), 1.0 / k, rtol=1e-6, err_msg=f"{frac} x {n}")
+  assert ref.topk_count(1 / 3, 6) == 1
 
 
 def test_image_without_references_casts_no_vote():

@@ -139,7 +139,7 @@ def test_open_clip_repo_same_file_as_src_file(hub, tmp_path):
 
 def fetch_errors(hub, *calls):
   """hub.fetch's path, or 'error: ' and its message, for each (repo_id, revision); one process."""
-  code = ("import json, sys\nfrom fiseclip_jax import hub\nfrom fiseclip_jax.checkpoint import "
+  code = ("import json, sys\nfrom fiseclip_jax.convert import hub\nfrom fiseclip_jax.core.errors import "
           "CheckpointError\nout = []\nfor repo, rev in json.loads(sys.argv[1]):\n  try:\n"
           "    out.append(hub.fetch(repo, rev))\n  except CheckpointError as e:\n"
           "    out.append('error: ' + str(e))\nprint(json.dumps(out))\n")

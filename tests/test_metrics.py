@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from fiseclip_jax import metrics
+from fiseclip_jax.outputs import metrics
 
 
 def _sk_f1_max(y, s):

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(__file__))
 import numpy_reference as ref  # noqa: E402
-from fiseclip_jax.config import FiSeConfig  # noqa: E402
+from fiseclip_jax.core.config import FiSeConfig  # noqa: E402
 
 
 def _unit(rng, *shape):

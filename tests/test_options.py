@@ -1,7 +1,7 @@
-"""cli.options: the checks every program runs before it loads a model."""
+"""outputs.run_folder: the checks every program runs on its --out before it loads a model."""
 import threading
 
-from fiseclip_jax.cli import options
+from fiseclip_jax.outputs import run_folder
 
 
 def test_out_dir_check_is_safe_for_processes_sharing_the_folder(tmp_path):
@@ -12,7 +12,7 @@ def test_out_dir_check_is_safe_for_processes_sharing_the_folder(tmp_path):
   def check():
     for _ in range(200):
       try:
-        options.check_out_dir(str(tmp_path / "out"))
+        run_folder.check_writable(str(tmp_path / "out"))
       except Exception as e:   # noqa: BLE001 - any failure is the bug
         errors.append(e)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiseclip_jax import overlays
+from fiseclip_jax.outputs import overlays
 
 
 def test_overlay_and_mask_keep_the_images_size(tmp_path):

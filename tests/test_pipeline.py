@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
+from fiseclip_jax.method import pipeline, seclip
+from fiseclip_jax.method.spec import Params
+from fiseclip_jax.outputs import metrics
 import numpy_reference as ref
 
 TOL = 1e-4
@@ -25,7 +28,7 @@ def setup():
   images[1] = images[0] + 0.3 * rng.randn(84, 84, 3)      # two similar images: small distances
   text = fj.text_features(params, CFG, "screw", BASE)
   feats = fj.encode_image(params, CFG, images, BASE.feature_layers, BASE.proxy_layer)
-  seg = np.asarray(fj.seclip.text_probs(feats.proxy_patch_embed, text, fj.logit_scale(params)))
+  seg = np.asarray(seclip.text_probs(feats.proxy_patch_embed, text, fj.logit_scale(params)))
   # lam and mu chosen from the data so that every mask mixes True and False (votes matter).
   lam = float(np.quantile(seg[..., 1] / seg[..., 0], 0.7))
   conf = BASE.replace(lam=lam, vote="off")
@@ -146,8 +149,8 @@ def test_vote_off_is_plain_mutual_scoring_plus_fusion(setup):
 def count_traces(monkeypatch):
   """Calls of the maps stage while tracing: one per compile of a scorer."""
   traces = []
-  stage = fj.pipeline.maps_stage
-  monkeypatch.setattr(fj.pipeline, "maps_stage", lambda *a: (traces.append(1), stage(*a))[1])
+  stage = pipeline.maps_stage
+  monkeypatch.setattr(pipeline, "maps_stage", lambda *a: (traces.append(1), stage(*a))[1])
   return traces
 
 
@@ -188,8 +191,8 @@ def test_detect_traces_without_python_loops_over_images_pairs_or_layers(setup):
   sizes = {}
   for b in (12, 24):
     spec = fj.make_spec(CFG, conf)
-    jaxpr = jax.make_jaxpr(lambda im, v: fj.pipeline.detect_batch(
-        spec, fj.pipeline.Params(params, None), im, fj.make_roles(v), text, None))(
+    jaxpr = jax.make_jaxpr(lambda im, v: pipeline.detect_batch(
+        spec, Params(params, None), im, fj.make_roles(v), text, None))(
         jnp.zeros((b, 84, 84, 3)), jnp.ones((b,), bool))
     sizes[b] = len(_primitive_names(jaxpr.jaxpr))
   assert sizes[12] == sizes[24]

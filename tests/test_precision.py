@@ -6,13 +6,14 @@ The issue's bound: image and pixel AUROC change by < 0.002. Maps: bfloat16 keeps
 import numpy as np
 
 import fiseclip_jax as fj
-from fiseclip_jax.cli.dataset_run import shuffled
-from fiseclip_jax.cli.runtime import DEMO_CONFIG
 from fiseclip_jax.data import demo_root, iter_batches, mvtec_samples
+from fiseclip_jax.data.order import shuffled
+from fiseclip_jax.models.clip.config import VARIANTS
+from fiseclip_jax.outputs import metrics
 
 
 def test_bfloat16_matches_float32_on_demo_set():
-  cfg = fj.CLIPConfig.tiny(**DEMO_CONFIG)
+  cfg = VARIANTS["demo"].config
   params = fj.init_params(cfg, seed=0)
   samples = shuffled(mvtec_samples(demo_root(), "hazelnut"), 0)
   batches = list(iter_batches(samples, 12, 224, with_masks=True))
@@ -29,8 +30,8 @@ def test_bfloat16_matches_float32_on_demo_set():
   f32, bf16 = out["float32"], out["bfloat16"]
   map_err = np.abs(f32["maps"] - bf16["maps"]).max()
   assert map_err < 2e-2, map_err
-  im = [fj.metrics.image_metrics(labels, o["scores"])["auroc"] for o in (f32, bf16)]
-  px = [fj.metrics.pixel_metrics(masks, o["maps"])["auroc"] for o in (f32, bf16)]
+  im = [metrics.image_metrics(labels, o["scores"])["auroc"] for o in (f32, bf16)]
+  px = [metrics.pixel_metrics(masks, o["maps"])["auroc"] for o in (f32, bf16)]
   print(f"max map diff {map_err:.2e}; image AUROC {im}; pixel AUROC {px}")
   assert abs(im[0] - im[1]) < 0.002
   assert abs(px[0] - px[1]) < 0.002

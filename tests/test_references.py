@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
+from fiseclip_jax.method import pipeline, seclip
 import numpy_reference as ref
 
 TOL = 1e-4
@@ -30,7 +31,7 @@ def setup():
   text = fj.text_features(params, CFG, "screw", BASE)
   feats = fj.encode_image(params, CFG, images, BASE.feature_layers, BASE.proxy_layer)
   tower = {k: np.asarray(getattr(feats, k)) for k in ("cls_embed", "layer_tokens", "proxy_patch_embed")}
-  seg = np.asarray(fj.seclip.text_probs(feats.proxy_patch_embed, text, fj.logit_scale(params)))
+  seg = np.asarray(seclip.text_probs(feats.proxy_patch_embed, text, fj.logit_scale(params)))
   lam = float(np.quantile(seg[..., 1] / seg[..., 0], 0.7))  # masks mix True and False
   off = fj.detect(params, CFG, BASE.replace(lam=lam, vote="off"), images[:B], np.ones(B, bool), text)
   mu = float(np.quantile(np.asarray(off.step_scores), 0.6))
@@ -81,15 +82,15 @@ def test_scorer_matches_numpy_reference_in_every_mode(setup, mode, vote, agg):
 def test_stream_matches_numpy_reference_and_ignores_batching(setup, vote, agg):
   """Rolling mode, window 3, a stream of 7 images cut into batches of 1, 2 and 4 slots."""
   params, images, text, tower, conf = setup
-  conf = conf.replace(vote=vote, ref_agg=agg, references="rolling")
   t, window = 7, 3
+  conf = conf.replace(vote=vote, ref_agg=agg, stream_window=window)
   want = ref.rolling_stream(tower["cls_embed"][:t], tower["layer_tokens"][:, :t],
                             tower["proxy_patch_embed"][:t], text, conf,
                             float(fj.logit_scale(params)), images.shape[1], window)
   np.testing.assert_array_equal(want["n_candidates"], [0, 1, 2, 3, 3, 3, 3])
   runs = {}
   for size in (1, 2, 4):
-    ring = fj.empty_stream(CFG, conf, window)
+    ring = fj.empty_stream(CFG, conf)
     outs = []
     for start in range(0, t, size):
       n = min(size, t - start)
@@ -149,6 +150,19 @@ def test_bank_is_built_once_and_chunking_does_not_matter(setup):
   assert not np.asarray(a.masks).any() and np.asarray(a.valid).all()
 
 
+def test_a_bank_is_bound_to_the_settings_it_was_built_under(setup):
+  """DESIGN.md §5: a bank's feature maps are arranged by the settings it was built under; a scorer
+  under others (equal shapes, so nothing else would notice) is refused in one line naming them."""
+  params, images, text, _, conf = setup
+  conf = conf.replace(references="bank", r_list=(1, 3, 5, 7))
+  bank = fj.build_bank(params, CFG, conf, images[B:])
+  fj.detect(params, CFG, conf, images[:B], np.ones(B, bool), text, bank)       # its own: fine
+  for other in (dict(r_list=(7, 5, 3, 1)), dict(filter_loop="layer"),
+                dict(feature_layers=(4, 3, 2, 1))):
+    with pytest.raises(ValueError, match=f"built under other settings.*{next(iter(other))}"):
+      fj.detect(params, CFG, conf.replace(**other), images[:B], np.ones(B, bool), text, bank)
+
+
 def test_mode_needs_its_references(setup):
   params, images, text, _, conf = setup
   with pytest.raises(ValueError, match="needs a bank"):
@@ -157,19 +171,19 @@ def test_mode_needs_its_references(setup):
   with pytest.raises(ValueError, match="references='batch'"):
     fj.detect(params, CFG, conf, images[:2], np.ones(2, bool), text, bank)
   with pytest.raises(ValueError, match="score_stream"):
-    fj.detect(params, CFG, conf.replace(references="rolling"), images[:2], np.ones(2, bool), text)
-  ring = fj.empty_stream(CFG, conf.replace(references="rolling"), 2)
+    fj.detect(params, CFG, conf.replace(stream_window=2), images[:2], np.ones(2, bool), text)
+  ring = fj.empty_stream(CFG, conf.replace(stream_window=2))
   roles = fj.make_roles(np.array([0, 1], bool), np.array([0, 1], bool))
   with pytest.raises(ValueError, match="first slots"):
-    fj.score_stream(params, CFG, conf.replace(references="rolling"), images[:2], roles, text, ring)
+    fj.score_stream(params, CFG, conf.replace(stream_window=2), images[:2], roles, text, ring)
 
 
 def test_roles_of_a_pattern_do_not_recompile(setup, monkeypatch):
   params, images, text, _, conf = setup
   conf = conf.replace(sigma=3.0)                   # a config no other test compiled
   traces = []
-  stage = fj.pipeline.maps_stage
-  monkeypatch.setattr(fj.pipeline, "maps_stage", lambda *a: (traces.append(1), stage(*a))[1])
+  stage = pipeline.maps_stage
+  monkeypatch.setattr(pipeline, "maps_stage", lambda *a: (traces.append(1), stage(*a))[1])
   fj.detect(params, CFG, conf, images[:B], fj.make_roles(QUERY, REFERENCE), text)
   fj.detect(params, CFG, conf, images[:B], fj.make_roles(REFERENCE, QUERY), text)
   fj.detect(params, CFG, conf, images[:B], np.ones(B, bool), text)

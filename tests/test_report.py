@@ -10,7 +10,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from fiseclip_jax import report
+from fiseclip_jax.outputs import html_report as report
 
 BAD_NAME = 'a<b>&"c".png'
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from fiseclip_jax import sharding
+from fiseclip_jax.run import sharding
 from fiseclip_jax.data import demo_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ DRIFTING_GATHER = """
 import sys, time
 import jax
 import numpy as np
-from fiseclip_jax import sharding
+from fiseclip_jax.run import sharding
 pid = int(sys.argv[2])
 sharding.initialize(sys.argv[1], 2, pid)
 jax.local_devices()                      # the backend starts (a programme then loads its model)
@@ -126,12 +126,13 @@ def test_a_round_compiles_to_no_collective():
   holds no all-reduce, all-gather, all-to-all, reduce-scatter or collective-permute."""
   code = """
 import numpy as np, jax, fiseclip_jax as fj
-from fiseclip_jax import pipeline, sharding
+from fiseclip_jax.method.spec import Params
+from fiseclip_jax.run import sharding
 cfg = fj.CLIPConfig.tiny()
 conf = fj.FiSeConfig(image_size=56, feature_layers=(1, 2, 3, 4), proxy_layer=2)
 mesh = sharding.make_mesh()
 spec = fj.make_spec(cfg, conf)
-p = pipeline.Params(sharding.replicate(fj.init_params(cfg, 0), mesh), None)
+p = Params(sharding.replicate(fj.init_params(cfg, 0), mesh), None)
 n = mesh.devices.size
 ones = np.ones((n, 3), bool)
 roles = fj.Roles(ones, ones, np.zeros((n, 3), np.int32))

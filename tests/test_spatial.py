@@ -63,10 +63,6 @@ VARIANTS = {
     "majority": BASE.replace(vote="majority", lam=float("inf")),
 }
 
-OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
-
 def texture(kind, rng):
   """(SIDE, SIDE, 3) in 0..1: a tinted texture with a random phase."""
   y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float64)
@@ -99,7 +95,7 @@ def foreign(rng, j):
 
 
 def make_batch(kind, seed):
-  """Normalized images (B, S, S, 3) and the pasted-square masks (B, S, S)."""
+  """Images (B, S, S, 3), RGB in [0, 1], and the pasted-square masks (B, S, S)."""
   rng = np.random.RandomState(seed)
   images, masks = [], []
   places = iter(enumerate(PLACES))
@@ -111,7 +107,7 @@ def make_batch(kind, seed):
       img[r:r + SQUARE, c:c + SQUARE] = foreign(rng, j)
       mask[r:r + SQUARE, c:c + SQUARE] = True
     img = np.clip(img + 0.02 * rng.randn(*img.shape), 0.0, 1.0)
-    images.append((img - OPENAI_MEAN) / OPENAI_STD)
+    images.append(img)
     masks.append(mask)
   return np.stack(images).astype(np.float32), np.stack(masks)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fiseclip_jax as fj
-from fiseclip_jax.clip import tokenizer as tk
+from fiseclip_jax.models.clip import tokenizer as tk
 
 SENTENCES = [
     "a photo of a cat.",

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_clip
-from fiseclip_jax import convert as conv
-from fiseclip_jax.checkpoint import CheckpointError
-from fiseclip_jax.torch_files import read_state_dict
+from fiseclip_jax.convert import sources as conv
+from fiseclip_jax.core.errors import CheckpointError
+from fiseclip_jax.convert.torch_files import read_state_dict
 
 torch = pytest.importorskip("torch")
 from test_convert import assert_params_equal, hf_to_openai, torchscript_archive  # noqa: E402

@@ -6,6 +6,7 @@ the program's own flags and exits 0, a bad flag is `error: ...` with exit code 2
 """
 from __future__ import annotations
 
+import dataclasses
 import logging as py_logging
 import os
 import sys
@@ -16,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from fiseclip_jax.cli import errors
+from fiseclip_jax.core.config import FiSeConfig
 
 FLAGS = flags.FLAGS
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
@@ -63,8 +65,6 @@ def program_flags() -> List[flags.Flag]:
 
 def help_text(doc: str) -> str:
   """The program's docstring, then its flags: the method's knobs and the run's own, sorted."""
-  import dataclasses
-  from fiseclip_jax.config import FiSeConfig
   knobs = {f.name for f in dataclasses.fields(FiSeConfig)}
   own = sorted(program_flags(), key=lambda f: f.name)
   lines = [textwrap.dedent(doc or "").strip(), "", "flags of this run:"]

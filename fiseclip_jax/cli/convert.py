@@ -1,25 +1,27 @@
-"""Convert a CLIP checkpoint to this project's safetensors format.
+"""Convert a checkpoint (CLIP, DINOv2) to this project's safetensors format.
 
   fiseclip-convert --src SRC --out weights/clip-vit-l14-336.safetensors
   fiseclip-convert --hf openai/clip-vit-large-patch14-336 --out weights/clip-vit-l14-336.safetensors
 
 (`python -m weights.convert ...` in a checkout.) SRC: a Hugging Face CLIP folder (config.json and
 model.safetensors: the recommended route, nothing in it can run code), a pytorch_model.bin, an
-OpenAI `.pt` or an open_clip state dict. See `fiseclip_jax/convert.py`. --hf fetches a Hub repo
-through huggingface_hub (only config.json and one weights file) and gives the same file as --src
-on a download of its folder; see `fiseclip_jax/hub.py`.
+OpenAI `.pt` or an open_clip state dict. See `fiseclip_jax/convert/sources.py`. --hf fetches a Hub
+repo through huggingface_hub (only config.json and one weights file) and gives the same file as
+--src on a download of its folder; see `fiseclip_jax/convert/hub.py`.
 """
 import os
 
 from absl import flags
 
-from fiseclip_jax.cli import app
+from fiseclip_jax.cli import app, runtime
+from fiseclip_jax.cli.errors import UsageError
+from fiseclip_jax.convert import hub
+from fiseclip_jax.convert.header import sha256_file
 
 FLAGS = flags.FLAGS
 
 
 def run() -> None:
-  from fiseclip_jax.cli.errors import UsageError
   if FLAGS.src and FLAGS.hf:
     raise UsageError("--src and --hf exclude each other: pass one")
   if not (FLAGS.src or FLAGS.hf) or not FLAGS.out:
@@ -28,16 +30,14 @@ def run() -> None:
     raise UsageError("--revision goes with --hf")
   src, heads, got = FLAGS.src, (None, None), None
   if FLAGS.hf:
-    from fiseclip_jax import hub
     got = hub.fetch_checkpoint(FLAGS.hf, FLAGS.revision)
     src, heads = got.path, got.heads       # open_clip_config.json's heads, unless flags say
-  from fiseclip_jax import convert          # JAX: once the flags and the source are known good
-  from fiseclip_jax.checkpoint import save_checkpoint, sha256_file
-  params, cfg, path = convert.convert(src, FLAGS.vision_heads or heads[0],
-                                      FLAGS.text_heads or heads[1],
-                                      trust_torchscript=FLAGS.trust_torchscript)
+  e = runtime.convert_engine()              # JAX: once the flags and the source are known good
+  params, cfg, path = e.sources.convert(src, FLAGS.vision_heads or heads[0],
+                                        FLAGS.text_heads or heads[1],
+                                        trust_torchscript=FLAGS.trust_torchscript)
   digest = sha256_file(path)
-  save_checkpoint(FLAGS.out, params, cfg, source_sha256=digest, source=path)
+  e.checkpoint.save_checkpoint(FLAGS.out, params, cfg, source_sha256=digest, source=path)
   where = (f"{got.repo_id} revision {got.revision} (commit {got.commit}) file "
            f"{os.path.basename(path)}" if got else path)
   print(f"wrote {FLAGS.out}: {cfg}\nsource {where} sha256 {digest}")

@@ -9,7 +9,9 @@ metrics show the machinery works, not how good FiSeCLIP is. For real numbers con
 """
 from absl import flags
 
-from fiseclip_jax.cli import app, dataset_run, mvtec
+from fiseclip_jax import data
+from fiseclip_jax.cli import app, evaluate
+from fiseclip_jax.data.tables import DATASETS
 
 FLAGS = flags.FLAGS
 BANNER = ("=" * 78 + "\nDEMO WITH RANDOM WEIGHTS: real images, untrained model. The numbers are MEANINGLESS\n"
@@ -19,19 +21,17 @@ BANNER = ("=" * 78 + "\nDEMO WITH RANDOM WEIGHTS: real images, untrained model. 
 
 
 def _run() -> None:
-  from fiseclip_jax import data
   FLAGS.data_root = FLAGS.data_root or data.demo_root()
   if not FLAGS.weights:
     FLAGS.random_weights, FLAGS.model = True, "demo"
   print(BANNER)
-  ds = mvtec.dataset()
-  dataset_run.run(ds._replace(name="demo (embedded hazelnut set)"))
+  evaluate.run(DATASETS["mvtec"]._replace(name="demo (embedded hazelnut set)"))
   if not FLAGS.weights:
     print(BANNER)
 
 
 def main(argv=None) -> None:
-  dataset_run.define_flags("demo")
+  evaluate.define_flags("mvtec")
   FLAGS.set_default("batch_size", 8)
   FLAGS.set_default("out", "results/demo")
   FLAGS.set_default("overwrite", True)          # rerunning the demo replaces the last one

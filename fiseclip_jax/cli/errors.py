@@ -12,6 +12,12 @@ import sys
 import traceback
 from typing import Callable, NoReturn
 
+from absl import flags
+
+from fiseclip_jax.core.config import ConfigError
+from fiseclip_jax.core.errors import BadInputError, CheckpointError
+from fiseclip_jax.outputs.run_folder import RecordError, RunFolderError
+
 
 class UsageError(ValueError):
   """A flag or a combination of flags that cannot work; the message names the flag."""
@@ -28,18 +34,15 @@ def fail(code: int, message: str) -> NoReturn:
   sys.exit(code)
 
 
+USAGE_ERRORS = (UsageError, flags.Error, RunFolderError, ConfigError)
+# The exceptions that end a program with one line (anything else is a bug: traceback).
+EXPECTED_ERRORS = USAGE_ERRORS + (EnvironmentProblem, BadInputError, CheckpointError, RecordError,
+                                  OSError, json.JSONDecodeError, FloatingPointError)
+
+
 def exit_code(e: BaseException) -> int:
   """2 for usage errors, 1 for data, checkpoint and machine problems."""
-  from absl import flags
-  return 2 if isinstance(e, (UsageError, flags.Error)) else 1
-
-
-def expected_errors() -> tuple:
-  """The exceptions that end a program with one line (anything else is a bug: traceback)."""
-  from fiseclip_jax.checkpoint import CheckpointError
-  from fiseclip_jax.data import BadInputError
-  return (UsageError, EnvironmentProblem, BadInputError, CheckpointError, OSError,
-          json.JSONDecodeError, FloatingPointError)
+  return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 
 def describe(e: BaseException) -> str:
@@ -54,7 +57,7 @@ def guarded(main: Callable[[], None], verbose: Callable[[], bool]) -> None:
     main()
   except KeyboardInterrupt:
     fail(130, "interrupted; results written so far are kept (rerun with --resume)")
-  except expected_errors() as e:   # pylint: disable=catching-non-exception
+  except EXPECTED_ERRORS as e:
     if verbose():
       traceback.print_exc()
     logging.shutdown()

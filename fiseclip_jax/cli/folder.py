@@ -1,12 +1,13 @@
 """Score unlabeled images from a line: per-image scores (CSV) and heat maps, as a long-running job.
 
   fiseclip-folder --images DIR --class_name "metal nut" --weights FILE --out DIR
-      [--recursive] [--normal_images GOOD_DIR [--k_shot K]] [--references rolling --bank_size K]
+      [--recursive] [--normal_images GOOD_DIR [--k_shot K]] [--references rolling --stream_window K]
 
 (`python -m eval.folder ...` in a checkout.) References (docs/DESIGN.md §5): by default each
 image is compared with the other images of its batch; with --normal_images, with those known-good
 parts too (--references both, the default then) or only (--references bank); with
---references rolling, with the --bank_size images just before it in file order (a production line).
+--references rolling (a stream), with the --stream_window images just before it in file order (a
+production line).
 
 Written as it goes: scores.log.csv gets each batch's rows, flushed to disk, so a kill loses at
 most one batch and --resume continues where it stopped (every image scored once, the same scores
@@ -20,17 +21,23 @@ import sys
 import time
 from typing import List, NamedTuple
 
-import numpy as np
 from absl import flags
 
-from fiseclip_jax import reports
+from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import Progress
+from fiseclip_jax.data.order import draw
+from fiseclip_jax.outputs import metrics, overlays
+from fiseclip_jax.outputs.batch_log import BatchLog
+from fiseclip_jax.outputs.files import write_csv, write_json
+from fiseclip_jax.outputs.provenance import versions
+from fiseclip_jax.outputs.run_folder import prepare_out
 
 FLAGS = flags.FLAGS
 LOG_COLUMNS = ("path", "status", "score", "n_ref", "seclip_only", "note")
 RUN_JSON = "run.json"
+LOG = "scores.log.csv"
 
 
 def define_flags() -> None:
@@ -41,8 +48,7 @@ def define_flags() -> None:
   flags.DEFINE_string("class_name", None, "What the images show, as in the prompts (e.g. 'metal nut').")
   flags.DEFINE_bool("recursive", False, "Also score the images in sub-folders of --images.")
   flags.DEFINE_string("normal_images", None, "Folder of known-good images: the bank of references.")
-  flags.DEFINE_integer("bank_size", 16, "--references rolling: how many images before each one "
-                       "serve as its references.")
+  flags.DEFINE_alias("bank_size", "stream_window")     # the window's name before 0.2
   flags.DEFINE_bool("top_up", True, "Fill the short last batch with already-scored images as "
                     "references only, so every image has B - 1.")
   flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map), at the "
@@ -67,12 +73,12 @@ def _check_flags() -> bool:
   """Folder-specific checks; returns whether a bank is used."""
   if not FLAGS.images or not FLAGS.class_name:
     raise UsageError("--images DIR and --class_name NAME are required")
-  rolling = FLAGS.references == "rolling"
-  if rolling and FLAGS.normal_images:
+  stream = FLAGS.references == options.STREAM or bool(FLAGS.stream_window)
+  if stream and FLAGS.normal_images:
     raise UsageError("--references rolling compares each image with the ones before it; it does "
                      "not take --normal_images")
-  if rolling and FLAGS.bank_size < 1:
-    raise UsageError(f"--bank_size {FLAGS.bank_size}: expected >= 1")
+  if FLAGS.stream_window is not None and FLAGS.stream_window < (1 if stream else 0):
+    raise UsageError(f"--stream_window {FLAGS.stream_window}: expected >= 1")
   if FLAGS.k_shot and not FLAGS.normal_images:
     raise UsageError("--k_shot draws from --normal_images: pass the folder of known-good images")
   if FLAGS.threshold is not None and FLAGS.threshold_from:
@@ -83,9 +89,8 @@ def _check_flags() -> bool:
     if not 0.0 <= getattr(FLAGS, name) < 1.0:
       raise UsageError(f"--{name} {getattr(FLAGS, name)}: expected 0 <= value < 1")
   if FLAGS.map_range != "threshold":
-    from fiseclip_jax.overlays import ColourScale
     try:
-      ColourScale.parse(FLAGS.map_range)
+      overlays.ColourScale.parse(FLAGS.map_range)
     except ValueError as e:
       raise UsageError(f"--map_range: {e}") from None
   elif FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
@@ -98,10 +103,9 @@ def _check_flags() -> bool:
 
 def _known_good(folder: str, k_shot: int = 0):
   """The images of a known-good folder (k_shot > 0: that many drawn with --seed), headers checked."""
-  from fiseclip_jax import data, scoring
   samples, _ = data.list_folder(folder, FLAGS.recursive)
   if k_shot:
-    samples = scoring.draw(samples, k_shot, FLAGS.seed)
+    samples = draw(samples, k_shot, FLAGS.seed)
   problems = data.check_files(samples)
   if problems:
     raise problems[0].error
@@ -110,40 +114,22 @@ def _known_good(folder: str, k_shot: int = 0):
 
 def _prepare_out(ident: dict) -> List[List[dict]]:
   """Complete batches of an earlier run to keep (--resume), after checking the folder."""
-  options.check_out_dir(FLAGS.out)
-  run_json = os.path.join(FLAGS.out, RUN_JSON)
-  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
-  if FLAGS.resume and os.path.isfile(run_json):
-    import json
-    with open(run_json, encoding="utf-8") as f:
-      try:
-        doc = json.load(f)
-      except json.JSONDecodeError as e:
-        raise json.JSONDecodeError(f"{run_json} is not valid JSON ({e.msg}); it was left as it is",
-                                   e.doc, e.pos) from None
-    try:
-      reports.check_resume(doc, ident, FLAGS.out)
-    except reports.RunMismatch as e:
-      raise UsageError(str(e)) from None
+  log = BatchLog(os.path.join(FLAGS.out, LOG), LOG_COLUMNS)
+  earlier = prepare_out(FLAGS.out, ident, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                        record=RUN_JSON)
+  if earlier is not None:
     done = log.read()
     log.rewrite(done)
     return done
-  earlier = reports.earlier_outputs(FLAGS.out)
-  if earlier:
-    if not FLAGS.overwrite:
-      raise UsageError(f"--out {FLAGS.out} holds an earlier run ({', '.join(earlier)}): pass "
-                       "--resume to continue it, --overwrite to replace it, or another --out")
-    reports.remove_outputs(FLAGS.out)
-  reports.write_json(run_json, {"identity": ident, "status": "running"})
+  write_json(os.path.join(FLAGS.out, RUN_JSON), {"identity": ident, "status": "running"})
   return []
 
 
 def run() -> None:
-  from fiseclip_jax import data
   has_bank = _check_flags()
   conf = options.fise_config(FLAGS.platform or "cpu", has_bank)
-  spec = runtime.model_spec()
-  runtime.check_model(conf, spec)
+  ckpts = runtime.read_checkpoints()
+  runtime.check_model(conf, ckpts)
   samples, ignored = data.list_folder(FLAGS.images, FLAGS.recursive)
   problems = data.check_files(samples)
   if problems and not FLAGS.skip_bad_images:
@@ -153,13 +139,12 @@ def run() -> None:
   samples = [s for s in samples if s.path not in unreadable]
   bank_samples = _known_good(FLAGS.normal_images, FLAGS.k_shot) if has_bank else []
   good_samples = _known_good(FLAGS.threshold_from) if FLAGS.threshold_from else []
-  backend = runtime.setup_backend()
+  backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,
-           "class_name": FLAGS.class_name, "config": conf.to_dict(), **spec.identity(),
+           "class_name": FLAGS.class_name, "config": conf.to_dict(), **ckpts.identity(),
            "batch_size": FLAGS.batch_size, "top_up": FLAGS.top_up,
            "bank": [os.path.abspath(s.path) for s in bank_samples],
-           "bank_size": FLAGS.bank_size if conf.references == "rolling" else None,
            "threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
            "threshold_from": os.path.abspath(FLAGS.threshold_from) if FLAGS.threshold_from else None,
            "max_fpr": FLAGS.max_fpr if FLAGS.threshold_from else None,
@@ -171,51 +156,48 @@ def run() -> None:
         + (f"; {len(unreadable)} unreadable, skipped" if unreadable else "")
         + f"; references {conf.references}"
         + (f" ({len(bank_samples)} known-good)" if bank_samples else "")
-        + (f" (the {FLAGS.bank_size} before each image)" if conf.references == "rolling" else ""))
+        + (f" (the {conf.stream_window} before each image)" if conf.streaming else ""))
   if len(samples) == 1 and conf.references == "batch":
     print("one image: no reference for feature matching, scoring with SeCLIP alone")
   t0 = time.time()
-  setup = _setup(conf, spec, bank_samples)
+  setup = _setup(conf, ckpts, bank_samples)
   decision = _decision(setup, conf, good_samples)
   _score(setup, conf, samples, done, decision)
   _finish(ident, ignored, unreadable, time.time() - t0, decision)
 
 
 class Setup(NamedTuple):
+  engine: object
   model: object
   mesh: object
   text: object
   bank: object
 
 
-def _setup(conf, spec, bank_samples) -> Setup:
-  from fiseclip_jax import sharding
-  devices = runtime.devices()[:1] if conf.references == "rolling" else runtime.devices()
-  mesh = sharding.make_mesh(devices)
-  model = runtime.model_on(spec, mesh)
-  text = runtime.text_features(model, FLAGS.class_name, conf)
-  bank = runtime.bank_on(model, conf, bank_samples, mesh) if bank_samples else None
-  return Setup(model, mesh, text, bank)
+def _setup(conf, ckpts, bank_samples) -> Setup:
+  e = runtime.engine()
+  devices = runtime.devices()[:1] if conf.streaming else runtime.devices()
+  mesh = e.sharding.make_mesh(devices)
+  model = runtime.model_on(ckpts, mesh)
+  text = e.towers.text_features(model, FLAGS.class_name, conf)
+  bank = e.towers.bank_on(model, conf, bank_samples, mesh) if bank_samples else None
+  return Setup(e, model, mesh, text, bank)
 
 
 def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_batch=None,
                  on_progress=None, on_skip=None, keep_maps=False):
   """Score samples the way this run scores: its references, batches, top-up. pool: the whole
   list that `indices` point into (default: samples), which a short batch is topped up from."""
-  from fiseclip_jax import scoring
-  common = dict(model=setup.model, conf=conf, text=setup.text, batch_size=FLAGS.batch_size,
-                indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
-                on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
-  if conf.references == "rolling":
-    return scoring.score_stream_samples(samples, bank_size=FLAGS.bank_size, **common)
   pool = samples if pool is None else pool
-  return scoring.score_samples(samples, mesh=setup.mesh, bank=setup.bank,
-                               top_up_pool=pool if FLAGS.top_up else None, **common)
+  return setup.engine.scoring.score(
+      samples, model=setup.model, conf=conf, text=setup.text, mesh=setup.mesh,
+      batch_size=FLAGS.batch_size, bank=setup.bank, top_up_pool=pool if FLAGS.top_up else None,
+      indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
+      on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
 
 
 def _decision(setup: Setup, conf, good_samples) -> dict:
   """The thresholds of the run and how they were chosen (written to run.json)."""
-  from fiseclip_jax import metrics
   if not good_samples:
     return {"image_threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
             "how": "given" if FLAGS.threshold is not None or FLAGS.pixel_threshold is not None
@@ -234,21 +216,20 @@ def _decision(setup: Setup, conf, good_samples) -> dict:
 
 
 def _write_maps(s, anomaly_map, score, decision) -> None:
-  from fiseclip_jax import overlays
   rgb = overlays.read_original(s.path)
   hw = rgb.shape[:2]
   t_px = decision["pixel_threshold"]
   scale = overlays.ColourScale.parse(FLAGS.map_range, t_px)
   base = os.path.join(FLAGS.out, "maps", _rel(s.path))
   overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score))
-  np.save(base + ".npy", overlays.resize_map(anomaly_map, hw).astype(np.float16))
+  overlays.save_map(base + ".npy", anomaly_map, hw)
   if t_px is not None:
     overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)
 
 
 def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) -> None:
-  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
-  rolling = conf.references == "rolling"
+  log = BatchLog(os.path.join(FLAGS.out, LOG), LOG_COLUMNS)
+  rolling = conf.streaming
   consumed = {r["path"] for batch in done for r in batch}
   n_done = sum(r["status"] == "scored" for batch in done for r in batch)
   state = {"batch": len(done), "replay": len(done) if rolling else 0, "skipped": []}
@@ -290,7 +271,7 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
 def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
             decision: dict) -> None:
   """scores.csv (sorted), skipped.csv and run.json from the complete log."""
-  log = reports.BatchLog(os.path.join(FLAGS.out, "scores.log.csv"), LOG_COLUMNS)
+  log = BatchLog(os.path.join(FLAGS.out, LOG), LOG_COLUMNS)
   rows = [r for batch in log.read() for r in batch]
   scored = sorted((r for r in rows if r["status"] == "scored"), key=lambda r: r["path"])
   skipped = sorted([[_rel(p), e] for p, e in unreadable.items()]
@@ -301,16 +282,15 @@ def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
   if t is not None:
     header.append("pred_label")
     table = [row + [int(float(r["score"]) >= t)] for row, r in zip(table, scored)]
-  reports.atomic_write(os.path.join(FLAGS.out, "scores.csv"), reports.csv_text([header] + table))
-  reports.atomic_write(os.path.join(FLAGS.out, "skipped.csv"),
-                       reports.csv_text([["path", "reason"]] + skipped))
+  write_csv(os.path.join(FLAGS.out, "scores.csv"), [header] + table)
+  write_csv(os.path.join(FLAGS.out, "skipped.csv"), [["path", "reason"]] + skipped)
   only = sum(r["seclip_only"] == "1" for r in scored)
-  reports.write_json(os.path.join(FLAGS.out, RUN_JSON), {
+  write_json(os.path.join(FLAGS.out, RUN_JSON), {
       "identity": ident, "status": "complete", "decision": decision,
       "flagged": None if t is None else sum(row[-1] for row in table),
       "scored": len(scored), "skipped": len(skipped),
       "ignored_files": len(ignored), "seclip_only": only, "seconds_last_session": seconds,
-      "versions": runtime.versions()})
+      "versions": versions()})
   print(f"scored {len(scored)} image(s) ({len(scored) / max(seconds, 1e-9):.2f} img/s this session)"
         + ("" if t is None else f"; {sum(row[-1] for row in table)} flagged (score >= {t:.6f}, "
            f"{decision['how'].split(':')[0]})")

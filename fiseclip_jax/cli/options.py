@@ -1,79 +1,124 @@
-"""Flags of the programs: the method's knobs generated from FiSeConfig, and the programs' own.
+"""Flags of the programs: generated from the configs' fields, plus the programs' own.
 
-Each setting is declared once: a FiSeConfig field becomes a flag of the same name, with the
-field's help text and choice tuple; `fise_config` turns the parsed flags back into a FiSeConfig
-and reports a bad value as a usage error naming the flag.
+Each setting is declared once: a field of FiSeConfig (or of the benchmark's BenchConfig) becomes a
+flag of the same name, with the field's help text and choices; `config_from_flags` turns the
+parsed flags back into the config and reports a bad value as a usage error naming the flag.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from absl import flags
 
 from fiseclip_jax.cli.errors import UsageError
-from fiseclip_jax.config import ConfigError, FiSeConfig, REFERENCE_MODES
+from fiseclip_jax.core.config import REFERENCE_MODES, ConfigError, FiSeConfig
+from fiseclip_jax.models.clip.config import VARIANTS
 
 FLAGS = flags.FLAGS
+STREAM = "rolling"            # --references rolling: a stream (FiSeConfig.stream_window > 0)
+STREAM_DEFAULT_WINDOW = 16    # its window when --stream_window is not given
 # Knobs whose flag default differs from the field's: resolved when the run starts.
-_RESOLVED_LATER = {
+RESOLVED_LATER = {
     "compute_dtype": "Default: float32 on CPU, bfloat16 on GPU/TPU.",
-    "references": "Default: batch, or both when a bank is given (--k_shot, --normal_images).",
+    "references": "Default: batch, or both when a bank is given (--k_shot, --normal_images); "
+                  "'rolling': a stream, each image against the --stream_window images before it.",
+    "stream_window": f"Default: 0, or {STREAM_DEFAULT_WINDOW} with --references rolling.",
 }
 
 
-def _define_knob(f: dataclasses.Field, choices_override: Optional[Sequence[str]] = None,
-                 flag_values: flags.FlagValues = FLAGS) -> None:
+def _element(f: dataclasses.Field) -> type:
+  """The item type of a tuple field (declared, or the default's first item's)."""
+  if f.metadata.get("element") is not None:
+    return f.metadata["element"]
+  return type(f.default[0]) if isinstance(f.default, tuple) and f.default else str
+
+
+def define_field_flag(f: dataclasses.Field, choices: Optional[Sequence[str]] = None,
+                      later: Optional[Dict[str, str]] = None,
+                      flag_values: flags.FlagValues = FLAGS) -> None:
+  """One flag for one config field: enum (choices), list (tuples), bool, int, float or string."""
+  later = later or {}
   name, default, meta = f.name, f.default, f.metadata
-  help_text = meta["help"] + (" " + _RESOLVED_LATER[name] if name in _RESOLVED_LATER else "")
-  if name in _RESOLVED_LATER:
+  help_text = meta["help"] + (" " + later[name] if name in later else "")
+  if name in later:
     default = None
-  choices = choices_override or meta.get("choices")
+  choices = choices or meta.get("choices")
   kw = dict(flag_values=flag_values)
-  if choices is not None:
+  element = _element(f)
+  is_list = isinstance(f.default, tuple) or (f.default is None and meta.get("element") is not None
+                                             and "Tuple" in str(f.type))
+  if is_list:
+    values = None if default is None else [str(x) for x in default]
+    if choices is not None:          # each item is checked by the config (check_choices)
+      help_text += f" Each of: {', '.join(c for c in choices if c is not None)}."
+    flags.DEFINE_list(name, values, help_text, **kw)
+  elif choices is not None:
     flags.DEFINE_enum(name, default, [c for c in choices if c is not None], help_text, **kw)
-  elif isinstance(f.default, tuple):
-    flags.DEFINE_list(name, [str(x) for x in default], help_text, **kw)
   elif isinstance(f.default, bool):
     flags.DEFINE_bool(name, default, help_text, **kw)
-  elif isinstance(f.default, int):
+  elif isinstance(f.default, int) or element is int:
     flags.DEFINE_integer(name, default, help_text, **kw)
+  elif isinstance(f.default, str):
+    flags.DEFINE_string(name, default, help_text, **kw)
   else:                                      # float, or an optional float (default None)
     flags.DEFINE_float(name, default, help_text, **kw)
 
 
-def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES,
+def _items(name: str, values, element: type) -> tuple:
+  try:
+    return tuple(element(v) for v in values)
+  except ValueError:
+    raise UsageError(f"--{name} {','.join(values)}: expected comma-separated "
+                     f"{'integers' if element is int else 'values'}") from None
+
+
+def field_values(cls, flag_values: flags.FlagValues = FLAGS) -> dict:
+  """The parsed flags of a config dataclass's fields (the fields without a flag left out)."""
+  kw = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in flag_values:
+      continue
+    value = getattr(flag_values, f.name)
+    if value is not None and (isinstance(f.default, tuple) or isinstance(value, list)):
+      value = _items(f.name, value, _element(f))
+    kw[f.name] = value
+  return kw
+
+
+def build(cls, kw: dict):
+  """cls(**kw), a bad value reported as the flag that set it."""
+  try:
+    return cls(**kw)
+  except ConfigError as e:
+    raise UsageError(f"--{e.field} {e.detail}") from None
+
+
+def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES + (STREAM,),
+                        exclude: Sequence[str] = (),
                         flag_values: flags.FlagValues = FLAGS) -> None:
   """One flag per FiSeConfig field (the references flag limited to `reference_modes`)."""
   for f in dataclasses.fields(FiSeConfig):
-    _define_knob(f, reference_modes if f.name == "references" else None, flag_values)
-
-
-def _int_list(name: str, values) -> tuple:
-  try:
-    return tuple(int(v) for v in values)
-  except ValueError:
-    raise UsageError(f"--{name} {','.join(values)}: expected comma-separated integers") from None
+    if f.name in exclude:
+      continue
+    define_field_flag(f, reference_modes if f.name == "references" else None, RESOLVED_LATER,
+                      flag_values)
 
 
 def fise_config(backend: str, has_bank: bool, flag_values: flags.FlagValues = FLAGS) -> FiSeConfig:
-  """FiSeConfig from the parsed flags; compute dtype by backend and reference mode by bank."""
-  kw = {}
-  for f in dataclasses.fields(FiSeConfig):
-    value = getattr(flag_values, f.name)
-    if isinstance(f.default, tuple):
-      value = _int_list(f.name, value)
-    kw[f.name] = value
-  if kw["compute_dtype"] is None:
+  """FiSeConfig from the parsed flags: compute dtype by backend, reference mode by bank, and
+  `--references rolling` as a stream of --stream_window (default 16)."""
+  kw = field_values(FiSeConfig, flag_values)
+  if kw.get("compute_dtype", "") is None:
     kw["compute_dtype"] = "float32" if backend == "cpu" else "bfloat16"
-  if kw["references"] is None:
+  if kw.get("references") == STREAM:
+    kw["references"] = "batch"
+    kw["stream_window"] = kw.get("stream_window") or STREAM_DEFAULT_WINDOW
+  if kw.get("references", "") is None:
     kw["references"] = "both" if has_bank else "batch"
-  try:
-    return FiSeConfig(**kw)
-  except ConfigError as e:
-    raise UsageError(f"--{e.field} {e.detail}") from None
+  if kw.get("stream_window", 0) is None:
+    kw["stream_window"] = 0
+  return build(FiSeConfig, kw)
 
 
 def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = True) -> None:
@@ -88,7 +133,8 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
   f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "
                   "with `python -m weights.convert`); CLIP (--weights) keeps SeCLIP.")
   f.DEFINE_bool("random_weights", False, "Random weights instead of --weights (numbers are meaningless).")
-  f.DEFINE_enum("model", "vit_l14_336", ["vit_l14_336", "demo"], "Architecture for --random_weights.")
+  f.DEFINE_enum("model", "vit_l14_336", list(VARIANTS), "Architecture for --random_weights "
+                "(models/clip/config.py VARIANTS).")
   f.DEFINE_integer("batch_size", 16, "Images per batch (B): each image is scored against the others.")
   f.DEFINE_string("out", "results", "Output folder.")
   f.DEFINE_bool("resume", False, "Continue the run already in --out (refused if its settings differ).")
@@ -114,7 +160,8 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
   if FLAGS.batch_size < 1:
     raise UsageError(f"--batch_size {FLAGS.batch_size}: expected >= 1")
   mode = references or ("both" if has_bank else "batch")
-  if mode == "batch" and FLAGS.batch_size < 2:
+  stream = mode == STREAM or bool("stream_window" in FLAGS and FLAGS.stream_window)
+  if mode == "batch" and not stream and FLAGS.batch_size < 2:
     raise UsageError(f"--batch_size {FLAGS.batch_size} leaves no image a reference in "
                      "--references batch: use >= 2, or a bank of known-good images")
   if mode in ("bank", "both") and not has_bank:
@@ -131,16 +178,3 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
     raise UsageError("--weights and --random_weights exclude each other")
   if FLAGS.resume and FLAGS.overwrite:
     raise UsageError("--resume and --overwrite exclude each other")
-
-
-def check_out_dir(path: str) -> None:
-  """--out must be a folder this process can create and write in.
-
-  The probe file has a unique name: every process of a multi-host run checks the same folder.
-  """
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path, prefix=".fiseclip_write_test") as f:
-      f.write("ok")
-  except OSError as e:
-    raise UsageError(f"--out {path}: not a writable folder ({e.strerror or e})") from None

@@ -1,32 +1,41 @@
-"""What a scoring program sets up: the model's shape (cheaply, before anything is checked), the
-JAX backend and devices, the params."""
+"""Where a program crosses into JAX, and what it checks before: the towers from checkpoint headers.
+
+Everything above `start` reads files and flags only (light modules). `start` sets the platform
+and connects the processes, and `engine` imports the JAX side (`fiseclip_jax.run`): the programs
+import no JAX module anywhere else.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
-import platform as py_platform
-from typing import Dict, NamedTuple, Optional
+import types
+from typing import NamedTuple, Optional
 
 from absl import flags
 
 from fiseclip_jax.cli.errors import EnvironmentProblem, UsageError
+from fiseclip_jax.convert import header
+from fiseclip_jax.core.config import ConfigError
+from fiseclip_jax.models.clip.config import VARIANTS
 
 FLAGS = flags.FLAGS
-DEMO_CONFIG = dict(vision_layers=24, image_size=224, patch_size=14, width=64)
 INSTALL = {"gpu": 'pip install -U "jax[cuda12]" (or "jax[cuda13]")', "tpu": 'pip install -U "jax[tpu]"'}
 
 
-class ModelSpec(NamedTuple):
+class Checkpoints(NamedTuple):
   """The towers' architectures and identities, read from checkpoint headers (no tensor loaded)."""
   cfg: object                # --weights' config (CLIP; or DINOv2 alone: FiCLIP only)
-  checkpoint: dict           # {"weights": ..., "sha256": ..., "source_sha256": ...}
+  checkpoint: dict           # {"weights": ..., "sha256": ..., "backbone": ..., "source_sha256": ...}
   fi_cfg: object = None      # --fi_weights' config (FiCLIP's tower), None: cfg's tower
   fi_checkpoint: Optional[dict] = None
 
   @property
   def has_text(self) -> bool:
-    from fiseclip_jax import registry
-    return registry.text_aligned(self.cfg)
+    return bool(getattr(self.cfg, "text_aligned", False))
+
+  @property
+  def random(self) -> bool:
+    return not self.checkpoint["sha256"]
 
   def identity(self) -> dict:
     ident = {"checkpoint_sha256": self.checkpoint["sha256"] or self.checkpoint["weights"],
@@ -38,63 +47,58 @@ class ModelSpec(NamedTuple):
 
 
 def _checkpoint(path: str) -> dict:
-  from fiseclip_jax import checkpoint
-  meta = checkpoint.read_metadata(path)
-  return {"weights": os.path.abspath(path), "sha256": checkpoint.sha256_file(path),
-          "backbone": checkpoint.read_backbone(path), "source_sha256": meta.get("source_sha256", "")}
+  meta = header.read_metadata(path)
+  return {"weights": os.path.abspath(path), "sha256": header.sha256_file(path),
+          "backbone": header.read_backbone(path), "source_sha256": meta.get("source_sha256", "")}
 
 
-def model_spec() -> ModelSpec:
-  """--weights' (and --fi_weights') architecture from metadata, or the --random_weights one."""
-  from fiseclip_jax import checkpoint
-  from fiseclip_jax.config import CLIPConfig
+def read_checkpoints() -> Checkpoints:
+  """--weights' (and --fi_weights') architecture from headers, or the --random_weights one."""
   fi_cfg = fi_ckpt = None
   if FLAGS.fi_weights:
-    fi_cfg, fi_ckpt = checkpoint.read_config(FLAGS.fi_weights), _checkpoint(FLAGS.fi_weights)
+    fi_cfg, fi_ckpt = header.read_config(FLAGS.fi_weights), _checkpoint(FLAGS.fi_weights)
   if FLAGS.weights:
-    cfg, ckpt = checkpoint.read_config(FLAGS.weights), _checkpoint(FLAGS.weights)
+    cfg, ckpt = header.read_config(FLAGS.weights), _checkpoint(FLAGS.weights)
   else:
-    cfg = CLIPConfig.tiny(**DEMO_CONFIG) if FLAGS.model == "demo" else CLIPConfig.vit_l14_336()
+    cfg = VARIANTS[FLAGS.model].config
     ckpt = {"weights": f"random:{FLAGS.model}:seed0", "sha256": None, "backbone": "clip"}
-  spec = ModelSpec(cfg, ckpt, fi_cfg, fi_ckpt)
-  if not spec.has_text and fi_cfg is not None:
+  ckpts = Checkpoints(cfg, ckpt, fi_cfg, fi_ckpt)
+  if not ckpts.has_text and fi_cfg is not None:
     raise UsageError(f"--weights {FLAGS.weights} is a {ckpt['backbone']} tower without text: "
                      "pass a CLIP checkpoint as --weights and the FiCLIP tower as --fi_weights")
-  return spec
+  return ckpts
 
 
-def check_model(conf, spec: ModelSpec) -> None:
-  """The method's knobs against the towers' depths and patch sizes (usage errors if they do not fit)."""
-  from fiseclip_jax import registry
-  from fiseclip_jax.config import ConfigError
-  text_b = registry.for_config(spec.cfg)
-  fi_cfg = spec.fi_cfg if spec.fi_cfg is not None else spec.cfg
-  fi_b = registry.for_config(fi_cfg)
+def check_model(conf, ckpts: Checkpoints) -> None:
+  """The method's knobs against the towers' depths and patch sizes (usage errors if they do not
+  fit), from their configs alone."""
+  fi_cfg = ckpts.fi_cfg if ckpts.fi_cfg is not None else ckpts.cfg
   try:
-    conf.check_model(fi_b.depth(fi_cfg), fi_b.patch_size(fi_cfg),
-                     proxy_layer=spec.has_text and spec.fi_cfg is None)
-    if spec.has_text:
-      conf.check_model(text_b.depth(spec.cfg), text_b.patch_size(spec.cfg),
-                       feature_layers=spec.fi_cfg is None)
+    conf.check_model(fi_cfg.depth, fi_cfg.patch_size,
+                     proxy_layer=ckpts.has_text and ckpts.fi_cfg is None)
+    if ckpts.has_text:
+      conf.check_model(ckpts.cfg.depth, ckpts.cfg.patch_size, feature_layers=ckpts.fi_cfg is None)
   except ConfigError as e:
     raise UsageError(f"--{e.field} {e.detail}") from None
-  if spec.has_text and spec.fi_cfg is not None:
-    from fiseclip_jax import pipeline
-    try:   # a Spec built directly: make_spec would pick the attention kernel, starting the backend
-      pipeline.check_grids(pipeline.Spec(conf, spec.cfg, spec.fi_cfg), conf.image_size)
+  if ckpts.has_text and ckpts.fi_cfg is not None:
+    try:
+      conf.check_grids(ckpts.cfg.patch_size, ckpts.fi_cfg.patch_size)
     except ValueError as e:
       raise UsageError(f"--fi_weights: {e}") from None
 
 
-def setup_backend() -> str:
-  """--platform and --multihost before any device use; the backend's name ('cpu', 'gpu', 'tpu')."""
-  import jax
+def start() -> str:
+  """--platform and --multihost before any device use; the backend's name ('cpu', 'gpu', 'tpu').
+
+  The programs' first JAX import is here.
+  """
+  import jax  # pylint: disable=import-outside-toplevel  (the crossing)
   if FLAGS.platform:
     jax.config.update("jax_platforms", FLAGS.platform)
   try:
     if "multihost" in FLAGS and FLAGS.multihost:
-      from fiseclip_jax import sharding
-      sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      engine().sharding.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
     jax.local_devices()
   except RuntimeError as e:
     if not FLAGS.platform or FLAGS.platform == "cpu":
@@ -106,10 +110,28 @@ def setup_backend() -> str:
   return jax.default_backend()
 
 
+def engine() -> types.SimpleNamespace:
+  """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring and sharding."""
+  import jax  # pylint: disable=import-outside-toplevel  (the crossing)
+  from fiseclip_jax.run import scoring, sharding, towers  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(jax=jax, scoring=scoring, sharding=sharding, towers=towers)
+
+
+def convert_engine() -> types.SimpleNamespace:
+  """The JAX side of the converter: reading sources as a tower's params, writing checkpoints."""
+  from fiseclip_jax.convert import checkpoint, sources  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(sources=sources, checkpoint=checkpoint)
+
+
+def bench_engine() -> types.ModuleType:
+  """The JAX side of the benchmark program: the harness."""
+  from fiseclip_jax.bench import harness  # pylint: disable=import-outside-toplevel  (the crossing)
+  return harness
+
+
 def devices():
   """The local devices to use (--num_devices of them)."""
-  import jax
-  available = jax.local_devices()
+  available = engine().jax.local_devices()
   n = FLAGS.num_devices
   if n is not None and n > len(available):
     raise UsageError(f"--num_devices {n}: this process sees {len(available)} "
@@ -117,54 +139,14 @@ def devices():
   return available[:n] if n else available
 
 
-def load_model(spec: ModelSpec):
-  """A scoring.Model: --weights (checked key by key) or random params, and --fi_weights."""
-  import fiseclip_jax as fj
-  from fiseclip_jax.scoring import Model
-  if FLAGS.weights:
-    params, _ = fj.load_checkpoint(FLAGS.weights)
-  else:
+def model_on(ckpts: Checkpoints, mesh):
+  """The towers with their params (--weights, checked key by key, or random), on the mesh."""
+  e = engine()
+  if ckpts.random:
     print(f"RANDOM WEIGHTS ({FLAGS.model}): the pipeline runs end to end but the numbers are "
           "meaningless")
-    params = fj.init_params(spec.cfg, seed=0)
-  fi_params = fj.load_checkpoint(FLAGS.fi_weights)[0] if FLAGS.fi_weights else None
-  if not spec.has_text:
-    print(f"{spec.checkpoint['backbone']} alone: FiCLIP only (no text alignment, no SeCLIP); the "
+  model = e.towers.load_model(ckpts.cfg, FLAGS.weights, ckpts.fi_cfg, FLAGS.fi_weights)
+  if not ckpts.has_text:
+    print(f"{ckpts.checkpoint['backbone']} alone: FiCLIP only (no text alignment, no SeCLIP); the "
           "map is the feature-matching score and the image score its maximum")
-  return Model(params, spec.cfg, fi_params, spec.fi_cfg)
-
-
-def model_on(spec: ModelSpec, mesh):
-  """load_model, its params replicated on every device of the mesh (once, outside the loop)."""
-  from fiseclip_jax import sharding
-  model = load_model(spec)
-  fi = None if model.fi_params is None else sharding.replicate(model.fi_params, mesh)
-  return model._replace(params=sharding.replicate(model.params, mesh), fi_params=fi)
-
-
-def text_features(model, class_name: str, conf):
-  """F_t (2, D) of a class for the text tower; None when FiCLIP runs alone."""
-  import fiseclip_jax as fj
-  return fj.text_features(model.params, model.cfg, class_name, conf) if model.has_text else None
-
-
-def bank_on(model, conf, samples, mesh):
-  """A known-good bank from samples, built once and replicated on the mesh."""
-  import fiseclip_jax as fj
-  from fiseclip_jax import scoring, sharding
-  images = scoring.load_images(samples, conf.image_size)
-  return sharding.replicate(fj.build_bank(model.params, model.cfg, conf, images, **model.kwargs()),
-                            mesh)
-
-
-def versions() -> Dict[str, Optional[str]]:
-  """Installed versions of the packages that matter (None: not installed)."""
-  from importlib import metadata
-  import fiseclip_jax
-  out = {"python": py_platform.python_version(), "fiseclip_jax": fiseclip_jax.__version__}
-  for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      out[name] = None
-  return out
+  return e.towers.on_mesh(model, mesh)

@@ -1,4 +1,4 @@
-"""Dataset readers (MVTec AD, VisA, BTAD, a plain folder), CLIP preprocessing and batching."""
+"""Dataset readers (MVTec AD, VisA, BTAD, a plain folder), preprocessing and batching. No JAX."""
 import os
 
 from fiseclip_jax.data.datasets import BTAD_LAYOUT
@@ -21,16 +21,15 @@ from fiseclip_jax.data.datasets import visa_samples
 from fiseclip_jax.data.datasets import visa_train_samples
 from fiseclip_jax.data.loader import Batch
 from fiseclip_jax.data.loader import iter_batches
-from fiseclip_jax.data.preprocess import OPENAI_MEAN
-from fiseclip_jax.data.preprocess import OPENAI_STD
-from fiseclip_jax.data.preprocess import BadInputError
-from fiseclip_jax.data.preprocess import denormalize
+from fiseclip_jax.core.errors import BadInputError
 from fiseclip_jax.data.preprocess import load_image
 from fiseclip_jax.data.preprocess import load_mask
 from fiseclip_jax.data.preprocess import preprocess_image
 from fiseclip_jax.data.preprocess import read_rgb
 from fiseclip_jax.data.preprocess import read_size
+from fiseclip_jax.data.preprocess import to_uint8
 from fiseclip_jax.data.preprocess import to_uint8_rgb
+from fiseclip_jax.data.preprocess import to_unit
 
 DEMO_CATEGORY = "hazelnut"
 
@@ -46,9 +45,9 @@ def demo_root() -> str:
 
 __all__ = [
     "BTAD_LAYOUT", "Batch", "BadInputError", "DEMO_CATEGORY", "IMAGE_EXTENSIONS", "MVTEC_LAYOUT",
-    "OPENAI_MEAN", "OPENAI_STD", "Sample", "VISA_LAYOUT", "btad_categories", "btad_samples",
-    "btad_train_samples", "check_files", "class_name", "demo_root", "denormalize",
+    "Sample", "VISA_LAYOUT", "btad_categories", "btad_samples",
+    "btad_train_samples", "check_files", "class_name", "demo_root",
     "folder_samples", "iter_batches", "list_folder", "load_image", "load_mask",
     "mvtec_categories", "mvtec_samples", "mvtec_train_samples", "preprocess_image", "read_rgb",
-    "read_size", "to_uint8_rgb", "visa_categories", "visa_samples", "visa_train_samples",
+    "read_size", "to_uint8", "to_uint8_rgb", "to_unit", "visa_categories", "visa_samples", "visa_train_samples",
 ]

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from fiseclip_jax.data.preprocess import BadInputError, PathLike, read_size
+from fiseclip_jax.core.errors import BadInputError
+from fiseclip_jax.data.preprocess import PathLike, read_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fiseclip_jax.data.datasets import Sample
-from fiseclip_jax.data.preprocess import BadInputError, load_mask, preprocess_image, read_rgb
+from fiseclip_jax.core.errors import BadInputError
+from fiseclip_jax.data.preprocess import load_mask, preprocess_image, read_rgb
 
 _LOG = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _LOG = logging.getLogger(__name__)
 class Batch:
   """One fixed-shape batch.
 
-  images (B, S, S, 3) float32 normalized (zeros in padded slots); valid (B,) bool; labels (B,)
+  images (B, S, S, 3) float32 RGB in [0, 1] (zeros in padded slots); valid (B,) bool; labels (B,)
   int32 (1 defect, 0 good, -1 unknown or padded); masks (B, S, S) bool (all False for good,
   unlabeled and padded slots), or None when masks were not asked for; samples: the Sample of each
   slot, None for padded slots; index (B,) int64: each slot's position in the caller's sample list

@@ -1,8 +1,8 @@
-"""Image and mask preprocessing: any PIL-readable file to CLIP's normalized NHWC float32 input.
+"""Image and mask preprocessing: any PIL-readable file to the towers' NHWC float32 input.
 
-CLIP preprocessing as in DESIGN.md §2: convert to RGB, resize to S x S with PIL bicubic
-(no crop), /255, normalize with the OpenAI mean and std. Every bad input raises `BadInputError`
-with a message that names the file(s) and what was expected (DESIGN.md §13).
+As in DESIGN.md §2: convert to RGB, resize to S x S with PIL bicubic (no crop), /255: RGB in
+[0, 1]. Each tower normalizes with its own mean and std inside the jit. Every bad input raises
+`BadInputError` with a message that names the file(s) and what was expected (DESIGN.md §13).
 """
 from __future__ import annotations
 
@@ -13,17 +13,12 @@ from typing import Tuple, Union
 import numpy as np
 from PIL import Image
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from fiseclip_jax.core.errors import BadInputError
 
 PathLike = Union[str, os.PathLike]
 
 # Modes whose samples are wider than 8 bits: scaled, not clipped, to 0..255.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-class BadInputError(ValueError):
-  """A data file or folder that cannot be used; the message names it and what was expected."""
 
 
 @contextlib.contextmanager
@@ -103,19 +98,18 @@ def resize_rgb(img: Image.Image, size: int) -> Image.Image:
   return img.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32, /255 then OpenAI mean/std."""
-  x = rgb_uint8.astype(np.float32) / np.float32(255.0)
-  return (x - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
+def to_unit(rgb_uint8: np.ndarray) -> np.ndarray:
+  """uint8 (..., 3) -> float32 RGB in [0, 1] (/255): what every tower takes."""
+  return rgb_uint8.astype(np.float32) / np.float32(255.0)
 
 
 def preprocess_image(img: Image.Image, size: int) -> np.ndarray:
-  """An RGB PIL image -> normalized float32 (size, size, 3)."""
-  return normalize(np.asarray(resize_rgb(to_rgb(img), size)))
+  """An RGB PIL image -> float32 (size, size, 3) RGB in [0, 1]."""
+  return to_unit(np.asarray(resize_rgb(to_rgb(img), size)))
 
 
 def load_image(path: PathLike, size: int) -> np.ndarray:
-  """Reads `path` and returns CLIP's input: float32 (size, size, 3), normalized."""
+  """Reads `path` and returns the towers' input: float32 (size, size, 3), RGB in [0, 1]."""
   return preprocess_image(read_rgb(path), size)
 
 
@@ -124,10 +118,9 @@ def to_uint8_rgb(path: PathLike, size: int) -> np.ndarray:
   return np.asarray(resize_rgb(read_rgb(path), size))
 
 
-def denormalize(images: np.ndarray) -> np.ndarray:
-  """Inverse of `normalize`: float32 (..., 3) -> uint8 (..., 3), for overlays of a batch."""
-  x = np.asarray(images, np.float32) * np.asarray(OPENAI_STD, np.float32)
-  x = (x + np.asarray(OPENAI_MEAN, np.float32)) * 255.0
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Inverse of `to_unit`: float32 in [0, 1] (..., 3) -> uint8 (..., 3), for overlays of a batch."""
+  x = np.asarray(images, np.float32) * np.float32(255.0)
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 

@@ -1,0 +1,52 @@
+"""CLIP's vision tower as the object the method runs: OpenAI normalization, the port's pass, its
+text encoder and tokenizer, and the per-block hooks SeCLIP reads (DESIGN.md §2, §10)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from fiseclip_jax.models.clip import model, tokenizer
+from fiseclip_jax.models.clip.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
+from fiseclip_jax.models.tower import Encoded, TextAlignedTower
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTower(TextAlignedTower):
+  cfg: CLIPConfig
+  name = "clip"
+  config_type = CLIPConfig
+  mean = OPENAI_MEAN
+  std = OPENAI_STD
+
+  def forward(self, params, x, layers: Tuple[int, ...], compute_dtype: str,
+              attention_impl: Optional[str]) -> Encoded:
+    return model.encode(params, self.cfg, x, layers, compute_dtype, attention_impl)
+
+  def init_params(self, seed: int = 0):
+    return model.init_params(self.cfg, seed)
+
+  def param_shapes(self):
+    return model.param_shapes(self.cfg)
+
+  def flops(self, image_size: int) -> float:
+    return model.tower_flops(self.cfg, image_size)
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    return tokenizer.tokenize(texts, self.cfg.context_length)
+
+  def encode_text(self, params, ids, compute_dtype: str = "float32"):
+    return model.encode_text(params, self.cfg, ids, compute_dtype)
+
+  def logit_scale(self, params):
+    return model.logit_scale(params)
+
+  def block_qkv(self, params, block: int, x, compute_dtype: str = "float32"):
+    return model.block_qkv(params, self.cfg, block, x, compute_dtype)
+
+  def block_out(self, params, block: int, heads, compute_dtype: str = "float32"):
+    return model.block_out(params, self.cfg, block, heads, compute_dtype)
+
+  def embed_tokens(self, params, tokens, compute_dtype: str = "float32"):
+    return model.embed_tokens(params, self.cfg, tokens, compute_dtype)

@@ -13,6 +13,8 @@ Entry points:
                           `window` images before it with the masks they had when they were scored.
   mutual_scores(...)      plain masked mutual scoring of one feature map over a batch ("batch" mode).
   topk_count(frac, n)     the integer k of "interval" aggregation.
+  top_up_batches(n, b)    how the programs cut a category of n images into batches of b slots.
+  seclip_only_counts(...) the per-category count of images scored by SeCLIP alone, by reason.
 """
 from __future__ import annotations
 
@@ -406,3 +408,34 @@ def rolling_stream(cls_embed, layer_tokens, proxy_patch_embed, text, conf, logit
     outs.append(out)
   return {key: np.concatenate([o[key] for o in outs], axis=1 if key in STEP_AXIS_KEYS else 0)
           for key in outs[0]}
+
+
+def top_up_batches(n, b, top_up=True):
+  """A category of n images (positions 0..n-1 in scoring order) cut into batches of b slots
+  (DESIGN.md §5, full benchmark batches): consecutive images; the short last batch's empty slots
+  take, as reference-only slots, the first images of the category that are not in that batch
+  (already scored), as many as there are; the rest is padding. top_up=False: padding only.
+
+  Returns a list of (index (b,) int, -1 for padding; query (b,) bool; reference (b,) bool).
+  """
+  out = []
+  for start in range(0, n, b):
+    members = list(range(start, min(start + b, n)))
+    index = members + [-1] * (b - len(members))
+    query = [True] * len(members) + [False] * (b - len(members))
+    reference = list(query)
+    if top_up:
+      others = [i for i in range(n) if i not in members]
+      for slot in range(len(members), b):
+        if others:
+          index[slot], reference[slot] = others.pop(0), True
+    out.append((np.array(index), np.array(query), np.array(reference)))
+  return out
+
+
+def seclip_only_counts(reasons):
+  """Images scored by SeCLIP alone, by reason (DESIGN.md §5, no reference): reasons are the
+  `reason` strings of detect_from_tower for the queries of a category."""
+  reasons = list(reasons)
+  return {"total": sum(r != "" for r in reasons), NO_CANDIDATES: reasons.count(NO_CANDIDATES),
+          ALL_MASKED: reasons.count(ALL_MASKED)}

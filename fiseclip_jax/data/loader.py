@@ -33,7 +33,7 @@ class Batch:
   int32 (1 defect, 0 good, -1 unknown or padded); masks (B, S, S) bool (all False for good,
   unlabeled and padded slots), or None when masks were not asked for; samples: the Sample of each
   slot, None for padded slots; index (B,) int64: each slot's position in the caller's sample list
-  (`indices` of `iter_batches`), -1 for padded slots.
+  (`indices` of `iter_batches`), -1 for padded slots (a slot the scorer tops up takes its image's).
   """
   images: np.ndarray
   valid: np.ndarray

@@ -24,11 +24,17 @@ class BatchResult(NamedTuple):
   """Host copies of one batch's results; rows of slots that are not queries are meaningless."""
   batch: Batch
   query: np.ndarray          # (B,) bool: the slots whose results count
+  reference: np.ndarray      # (B,) bool: the slots that served as references (top-up included)
   scores: np.ndarray         # (B,)
   maps: np.ndarray           # (B, S, S)
   n_ref: np.ndarray          # (B,)
   seclip_only: np.ndarray    # (B,) bool
-  no_candidates: np.ndarray  # (B,) bool
+  n_candidates: np.ndarray   # (B,) candidate references before any mask
+
+  @property
+  def no_candidates(self) -> np.ndarray:
+    """(B,) bool: no candidate reference at all (DESIGN.md §5, no reference)."""
+    return self.n_candidates == 0
 
 
 @dataclasses.dataclass
@@ -113,7 +119,8 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
 
   The images are the first of `pool` (the category's sample list, in scoring order) that are not
   in the batch: already scored in an earlier batch, and the same whatever the number of devices or
-  processes. Returns the reference flags (B,); the batch's images are filled in place.
+  processes. Returns the reference flags (B,); the batch's images are filled in place and each
+  filled slot's `index` is its image's position in `pool`.
   """
   reference = batch.valid.copy()
   free = np.flatnonzero(~batch.valid)
@@ -130,6 +137,7 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
           on_skip(pool[i].path, err)
         continue
       reference[slot] = True
+      batch.index[slot] = i
       break
   return reference
 
@@ -139,16 +147,17 @@ def _roles(batch: Batch, reference: np.ndarray, position: Optional[np.ndarray] =
   return references.Roles(batch.valid.copy(), reference, position.astype(np.int32))
 
 
-def _host_results(out, round_batches, round_query, stacked: bool = True) -> List[BatchResult]:
+def _host_results(out, round_batches, round_roles, stacked: bool = True) -> List[BatchResult]:
   """Split a round's device outputs (n, B, ...) (one batch's (B, ...) if not stacked) into
   per-batch host results."""
   fields = ("image_scores", "anomaly_maps", "n_ref", "seclip_only", "n_candidates")
   host = {f: np.asarray(getattr(out, f)) for f in fields}
   if not stacked:
     host = {f: v[None] for f, v in host.items()}
-  return [BatchResult(b, q, host["image_scores"][j], host["anomaly_maps"][j], host["n_ref"][j],
-                      host["seclip_only"][j], host["n_candidates"][j] == 0)
-          for j, (b, q) in enumerate(zip(round_batches, round_query))]
+  return [BatchResult(b, np.asarray(r.query), np.asarray(r.reference), host["image_scores"][j],
+                      host["anomaly_maps"][j], host["n_ref"][j], host["seclip_only"][j],
+                      host["n_candidates"][j])
+          for j, (b, r) in enumerate(zip(round_batches, round_roles))]
 
 
 def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, batch_size: int,
@@ -186,7 +195,7 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
     stacked = references.Roles(*(np.stack(x) for x in zip(*roles)))
     images, stacked = sharding.pad_round(np.stack([b.images for b in round_batches]), stacked, n_dev)
     out = sharding.detect_round(mesh, model, conf, images, stacked, text, bank)
-    results = _host_results(out, round_batches, [r.query for r in roles])
+    results = _host_results(out, round_batches, roles)
     for r in results:
       collect.add(r)
       if on_batch is not None:
@@ -229,7 +238,7 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
     roles = _roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
     out, ring = model.score_stream(conf, b.images, roles, text, ring)
     position += n
-    r = _host_results(out, [b], [roles.query], stacked=False)[0]
+    r = _host_results(out, [b], [roles], stacked=False)[0]
     collect.add(r)
     if on_batch is not None:
       on_batch(r)

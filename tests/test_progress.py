@@ -24,8 +24,14 @@ def test_log_gets_whole_lines_and_a_last_one():
   text = log.getvalue()
   assert "\r" not in text and text.endswith("\n")
   lines = text.splitlines()
-  assert len(lines) == 4 and lines[-1].startswith("cat: 10/10 images")
+  # The last line once: close() does not repeat the 10/10 line update() just wrote.
+  assert len(lines) == 3 and lines[-1].startswith("cat: 10/10 images")
   assert "ETA" in lines[0] and "ETA" not in lines[-1]
+  quiet = io.StringIO()
+  p = Progress(10, "cat", stream=quiet, every_s=3600.0)
+  p.update(10)
+  p.close()                                  # nothing written yet: close writes the last line
+  assert quiet.getvalue().count("10/10") == 1
 
 
 def test_terminal_gets_a_bar():

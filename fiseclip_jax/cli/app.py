@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging as py_logging
 import os
+import re
 import sys
 import textwrap
 from typing import Callable, List, Optional
@@ -77,6 +78,30 @@ def help_text(doc: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def flag_message(e: flags.Error) -> str:
+  """absl's 'flag --name=value: detail' in this project's words: '--name value: detail'."""
+  m = re.match(r"flag --([\w-]+)=(.*?): (.*)$", str(e), re.S)
+  return f"--{m.group(1)} {m.group(2)}: {m.group(3)}" if m else str(e)
+
+
+def check_flagfiles(argv: List[str]) -> None:
+  """Each --flagfile readable as UTF-8 text, or one line naming it (absl would raise from deep
+  inside its parser)."""
+  for i, a in enumerate(argv[1:], 1):
+    path = a.split("=", 1)[1] if a.startswith("--flagfile=") else (
+        argv[i + 1] if a == "--flagfile" and i + 1 < len(argv) else None)
+    if path is None:
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        f.read()
+    except UnicodeDecodeError as e:
+      errors.fail(2, f"--flagfile {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                  "as UTF-8")
+    except OSError as e:
+      errors.fail(2, f"--flagfile {path}: {e.strerror or e}")
+
+
 def run(main: Callable[[], None], doc: str, argv: Optional[List[str]] = None) -> None:
   """Parse flags and run main() with the program's error handling; never returns."""
   argv = list(sys.argv if argv is None else argv)
@@ -87,10 +112,13 @@ def run(main: Callable[[], None], doc: str, argv: Optional[List[str]] = None) ->
   if "--helpfull" in argv[1:]:
     sys.stdout.write(help_text(doc) + "\nall flags:\n" + FLAGS.get_help() + "\n")
     sys.exit(0)
+  check_flagfiles(argv)
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
-    errors.fail(2, f"{e} (see --help)")
+    errors.fail(2, f"{flag_message(e)} (see --help)")
+  except UnicodeDecodeError as e:            # a flagfile named inside another one
+    errors.fail(2, f"--flagfile: not UTF-8 text ({e.reason} at byte {e.start})")
   if len(rest) > 1:
     errors.fail(2, f"unexpected arguments {rest[1:]}; flags are written --name=value (see --help)")
   logging.use_absl_handler()

@@ -13,7 +13,7 @@ import os
 
 from absl import flags
 
-from fiseclip_jax.cli import app, runtime
+from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.convert import hub
 from fiseclip_jax.convert.header import sha256_file
@@ -28,6 +28,7 @@ def run() -> None:
     raise UsageError("--src SRC (or --hf REPO_ID) and --out FILE are required")
   if FLAGS.revision and not FLAGS.hf:
     raise UsageError("--revision goes with --hf")
+  check_out_file(FLAGS.out)
   src, heads, got = FLAGS.src, (None, None), None
   if FLAGS.hf:
     got = hub.fetch_checkpoint(FLAGS.hf, FLAGS.revision)
@@ -43,6 +44,20 @@ def run() -> None:
   print(f"wrote {FLAGS.out}: {cfg}\nsource {where} sha256 {digest}")
 
 
+def check_out_file(out: str) -> None:
+  """--out must be a file path whose folder this process can write in (before converting)."""
+  if os.path.isdir(out):
+    raise UsageError(f"--out {out} is a folder; expected a file path such as "
+                     f"{os.path.join(out, 'clip-vit-l14-336.safetensors')}")
+  folder = os.path.dirname(os.path.abspath(out))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise UsageError(f"--out {out}: its folder {folder} is not writable")
+
+
 def main(argv=None) -> None:
   flags.DEFINE_string("src", None, "HF CLIP folder, OpenAI .pt, or open_clip state dict.")
   flags.DEFINE_string("hf", None, "Instead of --src: a Hugging Face Hub repo id (e.g. "
@@ -56,6 +71,8 @@ def main(argv=None) -> None:
                        "width // 64; with --hf, an open_clip repo's open_clip_config.json).")
   flags.DEFINE_integer("text_heads", None, "OpenAI/open_clip layout only: text heads (default: "
                        "width // 64; with --hf, an open_clip repo's open_clip_config.json).")
+  for name in ("vision_heads", "text_heads"):
+    options.check(name, options.at_least(1), ">= 1")
   flags.DEFINE_bool("trust_torchscript", False,
                     "Load a TorchScript .pt (e.g. OpenAI's ViT-L-14-336px.pt) with torch.jit.load, which RUNS "
                     "CODE stored in the file: only for archives from a trusted source. By default only their "

@@ -33,7 +33,7 @@ from fiseclip_jax.cli.progress import Progress
 from fiseclip_jax.data.order import draw, shuffled
 from fiseclip_jax.data.tables import DATASETS, Dataset
 from fiseclip_jax.outputs import category as category_outputs
-from fiseclip_jax.outputs import results
+from fiseclip_jax.outputs import overlays, results
 from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
@@ -57,6 +57,9 @@ def define_flags(dataset: Optional[str] = None) -> None:
                      "images results.json records beside the F1-max thresholds.")
   flags.DEFINE_bool("report", True, "Write report.html (needs matplotlib: pip install "
                     "'fiseclip-jax[viz]').")
+  options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
+  options.check("report_fpr", options.fraction, "a share in [0, 1)")
+  options.check("class_name", lambda v: bool(v.strip()), "a non-empty object name")
 
 
 def dataset() -> Dataset:
@@ -70,10 +73,7 @@ def _categories(ds: Dataset) -> List[str]:
   found = ds.categories(FLAGS.data_root)
   if FLAGS.categories is None:
     return found
-  asked = [c.strip() for c in FLAGS.categories]
-  if any(not c for c in asked):
-    raise UsageError(f"--categories {','.join(FLAGS.categories)}: an empty name; expected "
-                     f"comma-separated names from {', '.join(found)}")
+  asked = [c.strip() for c in FLAGS.categories]     # none empty: checked when parsed
   unknown = [c for c in asked if c not in found]
   if unknown:
     raise UsageError(f"--categories: {', '.join(unknown)} not found in {FLAGS.data_root}; "
@@ -81,10 +81,10 @@ def _categories(ds: Dataset) -> List[str]:
   return asked
 
 
-def _check_files(samples, what: str) -> List[str]:
-  """Header checks; returns the unreadable images to skip (--skip_bad_images) or raises the first
+def _check_files(samples, what: str, min_side: int) -> List[str]:
+  """File checks; returns the unreadable images to skip (--skip_bad_images) or raises the first
   problem. A wrong mask is never skipped: it would bias the metrics."""
-  problems = data.check_files(samples)
+  problems = data.check_files(samples, min_side)
   fatal = [p for p in problems if p.in_mask or not FLAGS.skip_bad_images]
   if fatal:
     more = f" (and {len(fatal) - 1} more problem(s) in {what})" if len(fatal) > 1 else ""
@@ -98,18 +98,21 @@ class Plan(NamedTuple):
   unreadable: list    # paths found unreadable by the header check (skipped)
 
 
-def plan(ds: Dataset) -> Dict[str, Plan]:
-  """Every category's samples and bank, every file checked (nothing decoded)."""
+def plan(ds: Dataset, ckpts: runtime.Checkpoints) -> Dict[str, Plan]:
+  """Every category's samples and bank, every file and class name checked (no pixel decoded)."""
   out = {}
+  min_side = runtime.min_image_side(ckpts)
   for cat in _categories(ds):
+    runtime.check_class_name(ds.class_name(cat), ckpts,
+                             "--class_name" if FLAGS.class_name else f"category {cat}'s name")
     samples = shuffled(ds.samples(FLAGS.data_root, cat), FLAGS.seed)
-    bad = _check_files(samples, f"category {cat}")
+    bad = _check_files(samples, f"category {cat}", min_side)
     for path in bad:
       warn_skip(path, "its header cannot be read")
     bank = []
     if FLAGS.k_shot:
       bank = draw(ds.train_samples(FLAGS.data_root, cat), FLAGS.k_shot, FLAGS.seed)
-      problems = data.check_files(bank)
+      problems = data.check_files(bank, min_side)
       if problems:
         raise problems[0].error
     out[cat] = Plan(samples, bank, bad)
@@ -133,12 +136,13 @@ def run(ds: Optional[Dataset] = None) -> Dict[str, dict]:
   conf = options.fise_config(FLAGS.platform or "cpu", has_bank)     # ranges first; dtype once JAX is up
   ckpts = runtime.read_checkpoints()
   runtime.check_model(conf, ckpts)
-  plans = plan(ds)
+  plans = plan(ds, ckpts)
   backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = identity(ds, conf, ckpts)
   done = prepare_out(FLAGS.out, ident, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                     record=results.RESULTS_JSON, needs="categories")
+                     record=results.RESULTS_JSON, needs="categories",
+                     exclusive=runtime.engine().jax.process_index() == 0)
   return score_categories(ds, conf, ckpts, plans, ident, dict(done["categories"]) if done else {})
 
 

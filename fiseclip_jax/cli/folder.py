@@ -11,8 +11,10 @@ production line).
 
 Written as it goes: scores.log.csv gets each batch's rows, flushed to disk, so a kill loses at
 most one batch and --resume continues where it stopped (every image scored once, the same scores
-as an uninterrupted run). At the end: scores.csv (sorted by path), skipped.csv, run.json, and
-maps/<relative path>.png / .npy with --save_maps.
+as an uninterrupted run; an image changed since it was scored is scored again). At the end:
+scores.csv (sorted by path), skipped.csv, run.json, and each image's overlay and map as
+maps/<its path relative to --images>.png and .npy (maps/a/cut_000.png.png for a/cut_000.png;
+--nosave_maps: none). Only one run at a time may use an --out.
 """
 from __future__ import annotations
 
@@ -35,14 +37,16 @@ from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
 FLAGS = flags.FLAGS
-LOG_COLUMNS = ("path", "status", "score", "n_ref", "seclip_only", "note")
+# size and mtime_ns: the file as it was scored, so --resume notices an image replaced under its name.
+LOG_COLUMNS = ("path", "status", "score", "n_ref", "seclip_only", "note", "size", "mtime_ns")
 RUN_JSON = "run.json"
 LOG = "scores.log.csv"
 
 
 def define_flags() -> None:
   options.define_run_flags("folder", with_data_root=False, multihost=False)
-  options.define_bank_flags("--normal_images (default: all of them)")
+  options.define_bank_flags("--normal_images (default: all of them)",
+                            "Seed of the --k_shot draw from --normal_images.")
   options.define_method_flags()
   flags.DEFINE_string("images", None, "Folder of images to score.")
   flags.DEFINE_string("class_name", None, "What the images show, as in the prompts (e.g. 'metal nut').")
@@ -63,6 +67,14 @@ def define_flags() -> None:
                      "flagged (the pixel threshold of the masks).")
   flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
                       "'threshold' (0 to 2x the pixel threshold).")
+  options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
+  for name in ("threshold", "pixel_threshold"):
+    options.check(name, options.finite, "a finite number")
+  for name in ("max_fpr", "max_pixel_fpr"):
+    options.check(name, options.fraction, "a share in [0, 1)")
+  options.check("stream_window", options.at_least(0), ">= 0")
+  for name in ("images", "class_name"):
+    options.check(name, lambda v: bool(v.strip()), "a non-empty value")
 
 
 def _rel(path: str) -> str:
@@ -85,15 +97,7 @@ def _check_flags() -> bool:
     raise UsageError("--threshold and --threshold_from exclude each other")
   if FLAGS.pixel_threshold is not None and FLAGS.threshold_from:
     raise UsageError("--pixel_threshold and --threshold_from exclude each other")
-  for name in ("max_fpr", "max_pixel_fpr"):
-    if not 0.0 <= getattr(FLAGS, name) < 1.0:
-      raise UsageError(f"--{name} {getattr(FLAGS, name)}: expected 0 <= value < 1")
-  if FLAGS.map_range != "threshold":
-    try:
-      overlays.ColourScale.parse(FLAGS.map_range)
-    except ValueError as e:
-      raise UsageError(f"--map_range: {e}") from None
-  elif FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
+  if FLAGS.map_range == "threshold" and FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
     raise UsageError("--map_range threshold needs a pixel threshold (--pixel_threshold or "
                      "--threshold_from)")
   has_bank = bool(FLAGS.normal_images)
@@ -101,15 +105,36 @@ def _check_flags() -> bool:
   return has_bank
 
 
-def _known_good(folder: str, k_shot: int = 0):
-  """The images of a known-good folder (k_shot > 0: that many drawn with --seed), headers checked."""
-  samples, _ = data.list_folder(folder, FLAGS.recursive)
+def _known_good(folder: str, min_side: int, k_shot: int = 0):
+  """The images of a known-good folder (k_shot > 0: that many drawn with --seed), files checked."""
+  samples, _ = data.list_folder(folder, FLAGS.recursive, exclude=[FLAGS.out])
   if k_shot:
     samples = draw(samples, k_shot, FLAGS.seed)
-  problems = data.check_files(samples)
+  problems = data.check_files(samples, min_side)
   if problems:
     raise problems[0].error
   return samples
+
+
+def file_stamp(path: str) -> List[str]:
+  """[size, mtime_ns] of a file as log columns ('' where it cannot be read)."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return ["", ""]
+  return [str(st.st_size), str(st.st_mtime_ns)]
+
+
+def unchanged_prefix(done: List[List[dict]]) -> List[List[dict]]:
+  """The logged batches up to the first one holding an image that changed since it was scored
+  (size or modification time; missing counts as changed): that batch and every later one is
+  redone, so a stream's ring stays causal too."""
+  for i, batch in enumerate(done):
+    for r in batch:
+      if r["status"] == "scored" and file_stamp(os.path.join(FLAGS.images, r["path"])) != [
+          r["size"], r["mtime_ns"]]:
+        return done[:i]
+  return done
 
 
 def _prepare_out(ident: dict) -> List[List[dict]]:
@@ -119,8 +144,12 @@ def _prepare_out(ident: dict) -> List[List[dict]]:
                         record=RUN_JSON)
   if earlier is not None:
     done = log.read()
-    log.rewrite(done)
-    return done
+    kept = unchanged_prefix(done)
+    if len(kept) < len(done):
+      print(f"--resume: images changed since they were scored in batch {len(kept)} of the log: that "
+            f"batch and the {len(done) - len(kept) - 1} after it are scored again")
+    log.rewrite(kept)
+    return kept
   write_json(os.path.join(FLAGS.out, RUN_JSON), {"identity": ident, "status": "running"})
   return []
 
@@ -130,20 +159,25 @@ def run() -> None:
   conf = options.fise_config(FLAGS.platform or "cpu", has_bank)
   ckpts = runtime.read_checkpoints()
   runtime.check_model(conf, ckpts)
-  samples, ignored = data.list_folder(FLAGS.images, FLAGS.recursive)
-  problems = data.check_files(samples)
+  runtime.check_class_name(FLAGS.class_name, ckpts)
+  min_side = runtime.min_image_side(ckpts)
+  samples, ignored = data.list_folder(FLAGS.images, FLAGS.recursive, exclude=[FLAGS.out])
+  problems = data.check_files(samples, min_side)
   if problems and not FLAGS.skip_bad_images:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
   unreadable = {p.sample.path: str(p.error) for p in problems}
+  for path, err in unreadable.items():
+    sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
   samples = [s for s in samples if s.path not in unreadable]
-  bank_samples = _known_good(FLAGS.normal_images, FLAGS.k_shot) if has_bank else []
-  good_samples = _known_good(FLAGS.threshold_from) if FLAGS.threshold_from else []
+  bank_samples = _known_good(FLAGS.normal_images, min_side, FLAGS.k_shot) if has_bank else []
+  good_samples = _known_good(FLAGS.threshold_from, min_side) if FLAGS.threshold_from else []
   backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,
            "class_name": FLAGS.class_name, "config": conf.to_dict(), **ckpts.identity(),
            "batch_size": FLAGS.batch_size, "top_up": FLAGS.top_up,
+           "seed": FLAGS.seed if FLAGS.k_shot else None,
            "bank": [os.path.abspath(s.path) for s in bank_samples],
            "threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
            "threshold_from": os.path.abspath(FLAGS.threshold_from) if FLAGS.threshold_from else None,
@@ -163,7 +197,8 @@ def run() -> None:
   setup = _setup(conf, ckpts, bank_samples)
   decision = _decision(setup, conf, good_samples)
   _score(setup, conf, samples, done, decision)
-  _finish(ident, ignored, unreadable, time.time() - t0, decision)
+  before = sum(r["status"] == "scored" for batch in done for r in batch)
+  _finish(ident, ignored, unreadable, time.time() - t0, decision, before)
 
 
 class Setup(NamedTuple):
@@ -219,7 +254,7 @@ def _write_maps(s, anomaly_map, score, decision) -> None:
   rgb = overlays.read_original(s.path)
   hw = rgb.shape[:2]
   t_px = decision["pixel_threshold"]
-  scale = overlays.ColourScale.parse(FLAGS.map_range, t_px)
+  scale = overlays.ColourScale.for_run(FLAGS.map_range, t_px)
   base = os.path.join(FLAGS.out, "maps", _rel(s.path))
   overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score))
   overlays.save_map(base + ".npy", anomaly_map, hw)
@@ -232,28 +267,36 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
   rolling = conf.streaming
   consumed = {r["path"] for batch in done for r in batch}
   n_done = sum(r["status"] == "scored" for batch in done for r in batch)
-  state = {"batch": len(done), "replay": len(done) if rolling else 0, "skipped": []}
+  state = {"batch": len(done), "replay": sum(any(r["status"] == "scored" for r in b) for b in done)
+           if rolling else 0}
 
   def on_skip_row(path, err):
+    """An image found unreadable while decoding: logged at once as its own entry (once: a stream's
+    replay meets it again), like the images the header check found."""
+    rel = _rel(path)
+    if rel in consumed:
+      return
+    consumed.add(rel)
     sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
-    state["skipped"].append([_rel(path), "skipped", "", "", "", str(err).replace("\n", " ")])
+    log.append(state["batch"], [[rel, "skipped", "", "", "", str(err).replace("\n", " "), "", ""]])
+    state["batch"] += 1
 
   def on_batch(r):
-    if state["replay"] > 0:                   # rolling resume: rebuilding the ring, already logged
+    if state["replay"] > 0:                   # a stream's resume: rebuilding the ring, logged
       state["replay"] -= 1
-      state["skipped"] = []
       return
-    rows = list(state["skipped"])
-    state["skipped"] = []
+    rows = []
     for s, q, score, n_ref, only, m in zip(r.batch.samples, r.query, r.scores, r.n_ref,
                                            r.seclip_only, r.maps):
       if not q:
         continue
-      rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""])
+      rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""]
+                  + file_stamp(s.path))
       if FLAGS.save_maps or decision["pixel_threshold"] is not None:
         _write_maps(s, m, score, decision)
-    log.append(state["batch"], rows)
-    state["batch"] += 1
+    if rows:
+      log.append(state["batch"], rows)
+      state["batch"] += 1
 
   if rolling:
     todo, indices = samples, None              # the ring is rebuilt from the start on --resume
@@ -269,7 +312,7 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
 
 
 def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
-            decision: dict) -> None:
+            decision: dict, scored_before: int) -> None:
   """scores.csv (sorted), skipped.csv and run.json from the complete log."""
   log = BatchLog(os.path.join(FLAGS.out, LOG), LOG_COLUMNS)
   rows = [r for batch in log.read() for r in batch]
@@ -291,7 +334,9 @@ def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
       "scored": len(scored), "skipped": len(skipped),
       "ignored_files": len(ignored), "seclip_only": only, "seconds_last_session": seconds,
       "versions": versions()})
-  print(f"scored {len(scored)} image(s) ({len(scored) / max(seconds, 1e-9):.2f} img/s this session)"
+  session = len(scored) - scored_before
+  print(f"scored {len(scored)} image(s)" + (f", {session} in this session" if scored_before else "")
+        + f" ({session / max(seconds, 1e-9):.2f} img/s this session)"
         + ("" if t is None else f"; {sum(row[-1] for row in table)} flagged (score >= {t:.6f}, "
            f"{decision['how'].split(':')[0]})")
         + (f"; {only} scored by SeCLIP alone (no reference)" if only else "")

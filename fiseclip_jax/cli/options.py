@@ -7,7 +7,8 @@ parsed flags back into the config and reports a bad value as a usage error namin
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence
+import math
+from typing import Callable, Dict, Optional, Sequence
 
 from absl import flags
 
@@ -121,6 +122,44 @@ def fise_config(backend: str, has_bank: bool, flag_values: flags.FlagValues = FL
   return build(FiSeConfig, kw)
 
 
+# ------------------------------------------------------------------------------------------------
+# Checks of the programs' own flags, run by absl when the flags are parsed: one pass, before any
+# file is read or JAX starts, so a bad value is one `error:` line at once (DESIGN.md §13).
+
+
+def check(name: str, ok: Callable, expected: str, flag_values: flags.FlagValues = FLAGS) -> None:
+  """Refuse --name when it is parsed unless ok(value) (unset, None, always passes); a ValueError
+  raised by ok is the message."""
+  def checker(value):
+    if value is None:
+      return True
+    try:
+      good = ok(value)
+    except (ValueError, TypeError) as e:
+      raise flags.ValidationError(str(e) or f"expected {expected}") from None
+    if not good:
+      raise flags.ValidationError(f"expected {expected}")
+    return True
+  flags.register_validator(name, checker, flag_values=flag_values)
+
+
+def finite(x) -> bool:
+  return math.isfinite(x)
+
+
+def at_least(lo: float) -> Callable:
+  return lambda x: math.isfinite(x) and x >= lo
+
+
+def fraction(x) -> bool:
+  """A share in [0, 1)."""
+  return math.isfinite(x) and 0.0 <= x < 1.0
+
+
+def non_empty_names(values) -> bool:
+  return bool(values) and all(v.strip() for v in values)
+
+
 def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = True) -> None:
   """Flags every scoring program shares: platform, model, batching, output, devices."""
   f = flags
@@ -147,18 +186,29 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
     f.DEFINE_integer("process_id", None, "With --multihost off TPU: this process's index.")
   f.DEFINE_integer("num_devices", None, "Use only the first N local devices (default: all).")
   f.DEFINE_bool("progress", True, "Progress bar on a terminal, a periodic line in a log.")
+  check("batch_size", at_least(1), ">= 1")
+  check("num_devices", at_least(1), ">= 1 (or unset: all devices)")
+  check("out", lambda v: bool(v.strip()), "a folder path")
+  if with_data_root:
+    check("categories", non_empty_names, "comma-separated category names, none empty")
+  if multihost:
+    check("num_processes", at_least(1), ">= 1")
+    check("process_id", at_least(0), ">= 0")
 
 
-def define_bank_flags(source: str = "the category's training split") -> None:
+def define_bank_flags(source: str = "the category's training split",
+                      seed_help: str = "Seed of the shuffled image order and of the --k_shot draw."
+                      ) -> None:
   flags.DEFINE_integer("k_shot", 0, f"Known-good images drawn (with --seed) from {source} as a "
                        "bank (0: none).")
-  flags.DEFINE_integer("seed", 0, "Seed of the shuffled image order and of the --k_shot draw.")
+  flags.DEFINE_integer("seed", 0, seed_help)
+  check("k_shot", at_least(0), ">= 0 (0: no bank)")
+  check("seed", lambda v: 0 <= v < 2 ** 32, "an integer in 0 .. 2^32 - 1")
 
 
 def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
-  """Range checks of the shared flags, before anything is loaded."""
-  if FLAGS.batch_size < 1:
-    raise UsageError(f"--batch_size {FLAGS.batch_size}: expected >= 1")
+  """The shared flags that only make sense together, before anything is loaded (each flag's own
+  range is checked when it is parsed: `check`)."""
   mode = references or ("both" if has_bank else "batch")
   stream = mode == STREAM or bool("stream_window" in FLAGS and FLAGS.stream_window)
   if mode == "batch" and not stream and FLAGS.batch_size < 2:
@@ -167,10 +217,6 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
   if mode in ("bank", "both") and not has_bank:
     raise UsageError(f"--references {mode} needs a bank of known-good images "
                      "(--k_shot K, or --normal_images DIR for eval.folder)")
-  if "k_shot" in FLAGS and FLAGS.k_shot < 0:
-    raise UsageError(f"--k_shot {FLAGS.k_shot}: expected >= 0")
-  if FLAGS.num_devices is not None and FLAGS.num_devices < 1:
-    raise UsageError(f"--num_devices {FLAGS.num_devices}: expected >= 1 (or unset: all devices)")
   if not FLAGS.weights and not FLAGS.random_weights:
     raise UsageError("pass --weights FILE (convert one with `python -m weights.convert`) or "
                      "--random_weights")

@@ -20,6 +20,7 @@ class Progress:
     self.enabled = enabled
     self.t0 = self.last = time.monotonic()
     self.done = 0
+    self.printed = None         # `done` of the last line written to a log
     self.bar = None
     if enabled and self.stream.isatty():
       from tqdm import tqdm
@@ -45,8 +46,12 @@ class Progress:
     now = time.monotonic()
     if now - self.last >= self.every_s:
       self.last = now
-      self.stream.write(self._line())
-      self.stream.flush()
+      self._write()
+
+  def _write(self) -> None:
+    self.stream.write(self._line())
+    self.stream.flush()
+    self.printed = self.done
 
   def close(self) -> None:
     if not self.enabled:
@@ -54,5 +59,5 @@ class Progress:
     if self.bar is not None:
       self.bar.close()
       return
-    self.stream.write(self._line())
-    self.stream.flush()
+    if self.printed != self.done:            # the last line once, not again
+      self._write()

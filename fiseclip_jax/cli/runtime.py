@@ -16,7 +16,9 @@ from absl import flags
 from fiseclip_jax.cli.errors import EnvironmentProblem, UsageError
 from fiseclip_jax.convert import header
 from fiseclip_jax.core.config import ConfigError
-from fiseclip_jax.models.clip.config import VARIANTS
+from fiseclip_jax.method.prompt_text import prompts
+from fiseclip_jax.models.clip.config import VARIANTS, CLIPConfig
+from fiseclip_jax.models.clip.tokenizer import n_tokens
 
 FLAGS = flags.FLAGS
 INSTALL = {"gpu": 'pip install -U "jax[cuda12]" (or "jax[cuda13]")', "tpu": 'pip install -U "jax[tpu]"'}
@@ -85,6 +87,24 @@ def check_model(conf, ckpts: Checkpoints) -> None:
       conf.check_grids(ckpts.cfg.patch_size, ckpts.fi_cfg.patch_size)
     except ValueError as e:
       raise UsageError(f"--fi_weights: {e}") from None
+
+
+def check_class_name(name: str, ckpts: Checkpoints, flag: str = "--class_name") -> None:
+  """A class name whose prompts fit CLIP's text context (77 tokens): a longer one would be cut
+  without a word. Towers other than CLIP tokenize as they like and are not checked here."""
+  if not ckpts.has_text or not isinstance(ckpts.cfg, CLIPConfig):
+    return
+  longest = max(n_tokens(s) for s in sum(prompts(name), []))
+  if longest > ckpts.cfg.context_length:
+    raise UsageError(f"{flag} {name[:40]!r}{'...' if len(name) > 40 else ''} ({len(name)} "
+                     f"characters): its longest prompt takes {longest} tokens, more than the "
+                     f"text encoder's {ckpts.cfg.context_length}, so the name would be cut; "
+                     "expected a shorter name")
+
+
+def min_image_side(ckpts: Checkpoints) -> int:
+  """The smallest image side that holds one patch of every tower of the run."""
+  return max(c.patch_size for c in (ckpts.cfg, ckpts.fi_cfg) if c is not None)
 
 
 def start() -> str:

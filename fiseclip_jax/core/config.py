@@ -155,6 +155,13 @@ class FiSeConfig:
     if self.image_size % patch_size:
       raise ConfigError("image_size", f"{self.image_size} is not a multiple of the patch size "
                         f"{patch_size} (e.g. {patch_size * round(self.image_size / patch_size) or patch_size})")
+    grid = self.image_size // patch_size
+    if grid < 2:
+      raise ConfigError("image_size", f"{self.image_size} gives a {grid} x {grid} patch grid; "
+                        f"expected at least 2 x 2 patches ({2 * patch_size} px)")
+    if feature_layers and max(self.r_list) > grid:
+      raise ConfigError("r_list", f"{list(self.r_list)}: r = {max(self.r_list)} is wider than the "
+                        f"{grid} x {grid} patch grid at {self.image_size} px; expected r <= {grid}")
 
   def check_grids(self, text_patch: Optional[int], fi_patch: Optional[int]) -> None:
     """SeCLIP's mask must lie on FiCLIP's patch grid: two towers need one grid at image_size

@@ -10,10 +10,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from fiseclip_jax.core.errors import BadInputError
-from fiseclip_jax.data.preprocess import PathLike, read_size
+from fiseclip_jax.data.preprocess import PathLike, check_body, read_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -289,21 +289,30 @@ def btad_train_samples(root: PathLike, category: str) -> List[Sample]:
 # A plain folder.
 
 
-def list_folder(directory: PathLike, recursive: bool = False) -> Tuple[List[Sample], List[str]]:
+def list_folder(directory: PathLike, recursive: bool = False,
+                exclude: Sequence[PathLike] = ()) -> Tuple[List[Sample], List[str]]:
   """(images, ignored files) under `directory`, both sorted by path; unlabeled images (label -1).
 
-  recursive: also search sub-folders (hidden ones skipped). Ignored: files that are not images by
-  their extension (hidden files are not counted).
+  recursive: also search sub-folders (hidden ones skipped). Ignored (listed, not scored): files that
+  are not images by their extension, hidden files, and links that lead nowhere. exclude: folders
+  left out entirely (a program's own --out inside its input: its overlays are not parts).
   """
   layout = f"expected a folder of images ({' '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
   d = _existing_dir(directory, layout, "image folder")
+  skip = {os.path.realpath(x) for x in exclude}
   images, ignored = [], []
   walk = os.walk(d) if recursive else [(str(d), [], os.listdir(d))]
   for folder, subdirs, files in walk:
-    subdirs[:] = sorted(x for x in subdirs if not x.startswith("."))
+    subdirs[:] = sorted(x for x in subdirs if not x.startswith(".")
+                        and os.path.realpath(os.path.join(folder, x)) not in skip)
+    if os.path.realpath(folder) in skip:
+      continue
     for name in files:
       p = Path(folder) / name
-      if name.startswith(".") or not p.is_file():
+      if os.path.isdir(p):
+        continue
+      if name.startswith(".") or not p.is_file():            # hidden, or a dangling link
+        ignored.append(str(p))
         continue
       (images if _is_image(p) else ignored).append(str(p))
   if not images:
@@ -323,13 +332,19 @@ class FileProblem(NamedTuple):
   in_mask: bool        # the ground truth is wrong (never skipped: it would bias the metrics)
 
 
-def check_files(samples: List[Sample]) -> List[FileProblem]:
-  """Cheap checks of every file before any model work: each image's header is readable and each
-  mask has its image's size (headers only, nothing decoded). Returns the problems found."""
+def check_files(samples: List[Sample], min_side: int = 1) -> List[FileProblem]:
+  """Checks of every file before any model work: each image's header is readable, its body not cut
+  short (`check_body`: PNG and JPEG, without decoding pixels), its sides at least `min_side` pixels
+  (a tower's patch: a smaller image holds less than one patch), and each mask has its image's
+  size. Returns the problems found."""
   problems = []
   for s in samples:
     try:
       size = read_size(s.path, "image")
+      if min(size) < min_side:
+        raise BadInputError(f"image {s.path} is {size[0]}x{size[1]} px; expected at least "
+                            f"{min_side} px on each side (one patch of the model)")
+      check_body(s.path, "image")
     except BadInputError as err:
       problems.append(FileProblem(s, err, False))
       continue
@@ -341,6 +356,7 @@ def check_files(samples: List[Sample]) -> List[FileProblem]:
         raise BadInputError(
             f"mask {s.mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {s.path} "
             f"is {size[0]}x{size[1]}; a mask must have the same size as its image")
+      check_body(s.mask_path, f"mask (of image {s.path})")
     except BadInputError as err:
       problems.append(FileProblem(s, err, True))
   return problems

@@ -127,8 +127,9 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
     image_size: S, the side every image (and mask) is resized to.
     with_masks: also load ground-truth masks (defective samples must have one).
     num_workers: decoding threads; 0 decodes in the calling thread, without prefetch.
-    skip_bad_images: an unreadable image is logged, reported to `on_skip` and replaced by the next
-      readable one (batches stay full); otherwise it raises BadInputError naming the file.
+    skip_bad_images: an unreadable image is reported to `on_skip` (logged when there is none) and
+      replaced by the next readable one (batches stay full); otherwise it raises BadInputError
+      naming the file.
     on_skip: called as on_skip(path, error) for each skipped image.
     prefetch_batches: batches decoded ahead of the one the caller holds (at least 1 with threads).
     indices: each sample's position in the caller's own list (default 0, 1, ...), carried by the
@@ -152,8 +153,9 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
       if d.error is not None:
         if not skip_bad_images:
           raise d.error
-        _LOG.warning("skipping unreadable image %s: %s", d.sample.path, d.error)
-        if on_skip is not None:
+        if on_skip is None:
+          _LOG.warning("skipping unreadable image %s: %s", d.sample.path, d.error)
+        else:                                   # the caller reports it (once)
           on_skip(d.sample.path, d.error)
         continue
       slots.append(d)

@@ -51,6 +51,31 @@ def read_size(path: PathLike, what: str = "image") -> Tuple[int, int]:
     return img.size
 
 
+JPEG_END = b"\xff\xd9"
+
+
+def check_body(path: PathLike, what: str = "image") -> None:
+  """BadInputError if the file's body is cut short, found without decoding pixels where the format
+  allows: a PNG's chunks are read to IEND with their CRCs (`verify`, a few ms); a JPEG without its
+  end marker near the end of the file is decoded to be sure (cameras may append data after it).
+  Other formats are only checked when decoded."""
+  with _opened(path, what) as img:
+    fmt = img.format
+  if fmt == "PNG":
+    try:
+      with Image.open(path) as img:
+        img.verify()
+    except (OSError, SyntaxError, ValueError) as err:
+      raise BadInputError(f"{what} {os.fspath(path)}: its body is damaged or cut short ({err}); "
+                          "expected a complete PNG file") from err
+  elif fmt == "JPEG":
+    with open(path, "rb") as f:
+      f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+      tail = f.read()
+    if JPEG_END not in tail:
+      _open_decoded(path, what)           # raises naming the file if it is cut short
+
+
 def _wide_to_uint8(img: Image.Image) -> np.ndarray:
   """Single-channel 16/32-bit or float samples -> uint8, scaled to the type's full range.
 

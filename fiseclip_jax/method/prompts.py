@@ -5,38 +5,17 @@ The sentences go through the text-aligned tower's own tokenizer and text encoder
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 from fiseclip_jax.core.config import FiSeConfig
+from fiseclip_jax.method.prompt_text import prompts
 from fiseclip_jax.models import registry
 from fiseclip_jax.models.tower import TextAlignedTower
 
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
-                 "{} without defect", "{} without damage")
-ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
-TEMPLATES = (
-    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a bright photo of a {}.", "a dark photo of the {}.",
-    "a photo of my {}.", "a photo of the cool {}.", "a close-up photo of a {}.",
-    "a black and white photo of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
-    "a good photo of the {}.", "a photo of one {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "a low resolution photo of a {}.", "a photo of a large {}.",
-    "a blurry photo of a {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
-    "a photo of the small {}.", "a photo of the large {}.", "a black and white photo of a {}.",
-    "a dark photo of a {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
-    "this is the {} in the scene.", "this is one {} in the scene.")
 CHUNK = 64   # prompts encoded per call: one compiled shape for every class
-
-
-def prompts(class_name: str) -> Tuple[List[str], List[str]]:
-  """All normal and abnormal sentences for a class name (states x templates)."""
-  expand = lambda states: [t.format(s.format(class_name)) for s in states for t in TEMPLATES]
-  return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
 
 
 def _unit(x):

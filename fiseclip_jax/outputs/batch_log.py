@@ -9,6 +9,9 @@ import os
 from typing import List, Sequence
 
 from fiseclip_jax.outputs.files import write_csv
+from fiseclip_jax.outputs.run_folder import RecordError
+
+TORN = "\x00torn"          # stands for a line that is not UTF-8 (never a batch id)
 
 
 class BatchLog:
@@ -25,11 +28,18 @@ class BatchLog:
     """The complete batches already in the log, in order: a list of row dicts per batch."""
     if not os.path.isfile(self.path):
       return []
-    with open(self.path, newline="", encoding="utf-8") as f:
-      rows = list(csv.reader(f))
+    with open(self.path, "rb") as f:
+      raw = f.read().splitlines(keepends=True)
+    lines = []
+    for line in raw:                          # a line that is not UTF-8 is torn: its batch is redone
+      try:
+        lines.append(line.decode("utf-8"))
+      except UnicodeDecodeError:
+        lines.append(TORN + "\n")
+    rows = list(csv.reader(lines))
     if not rows or rows[0] != ["batch"] + self.columns:
-      raise ValueError(f"{self.path}: not a log of this program (header {rows[:1]}); it was left "
-                       "as it is: move it away or use another --out")
+      raise RecordError(f"{self.path}: not a log of this program (header {rows[:1]}); it was left "
+                        "as it is: move it away or use another --out")
     batches, current = [], []
     for row in rows[1:]:
       if row and row[0] == "#end":
@@ -51,11 +61,16 @@ class BatchLog:
 
   def append(self, batch_id: int, rows: List[Sequence]) -> None:
     new = not os.path.isfile(self.path)
-    with open(self.path, "a", newline="", encoding="utf-8") as f:
-      w = csv.writer(f, lineterminator="\n")
-      if new:
-        w.writerow(["batch"] + self.columns)
-      w.writerows([[batch_id] + list(r) for r in rows])
-      w.writerow(["#end", batch_id, len(rows)])
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      with open(self.path, "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        if new:
+          w.writerow(["batch"] + self.columns)
+        w.writerows([[batch_id] + list(r) for r in rows])
+        w.writerow(["#end", batch_id, len(rows)])
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:                      # a full disk says which file it could not write
+      if e.filename is None:
+        raise type(e)(e.errno, e.strerror, self.path) from e
+      raise

@@ -66,7 +66,7 @@ def write_category(where: CategoryOutputs, cat: str, result: dict, scored, sampl
     return result
   t_px = result["thresholds"].get("pixel_f1_max")
   t_px = None if t_px is None or not np.isfinite(t_px) else t_px
-  scale = overlays.ColourScale.parse(where.map_range, t_px)
+  scale = overlays.ColourScale.for_run(where.map_range, t_px)
   root = os.path.join(where.data_root, cat)
   samples_of = [samples[i] for i in scored.index]
 

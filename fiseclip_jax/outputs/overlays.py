@@ -8,6 +8,7 @@ contour, the image score written on it, and in benchmark mode the ground-truth o
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -38,9 +39,26 @@ class ColourScale(NamedTuple):
       lo, hi = (float(v) for v in text.split(","))
     except ValueError:
       raise ValueError(f"map range {text!r}: expected 'LO,HI' or 'threshold'") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+      raise ValueError(f"map range {text!r}: expected finite numbers")
     if not hi > lo:
       raise ValueError(f"map range {text!r}: expected LO < HI")
     return cls(lo, hi)
+
+  @classmethod
+  def check(cls, text: str) -> bool:
+    """True for 'threshold' or a valid 'LO,HI'; otherwise ValueError naming the problem."""
+    if text != "threshold":
+      cls.parse(text)
+    return True
+
+  @classmethod
+  def for_run(cls, text: str, threshold: Optional[float]) -> "ColourScale":
+    """The scale of a run's overlays: 'threshold' without a positive threshold (a category with
+    no defect has no pixel F1 threshold) falls back to 0..1."""
+    if text == "threshold" and not (threshold is not None and threshold > 0):
+      return cls(0.0, 1.0)
+    return cls.parse(text, threshold)
 
   def unit(self, x: np.ndarray) -> np.ndarray:
     return np.clip((x - self.lo) / (self.hi - self.lo), 0.0, 1.0)

@@ -8,11 +8,14 @@ earlier run's own outputs.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from fiseclip_jax.outputs.files import json_safe
 
@@ -31,6 +34,31 @@ class RunMismatch(RunFolderError):
 
 class RecordError(ValueError):
   """A run record that cannot be read; it is left as it is."""
+
+
+LOCK = ".fiseclip.lock"
+_LOCKS: Dict[str, int] = {}      # folder -> the open descriptor holding its lock (this process)
+
+
+def lock(out: str) -> None:
+  """Exclusive use of --out for this process's life: a second run into the same folder is refused,
+  naming the first. An flock, so a killed run leaves nothing stuck (the kernel releases it)."""
+  key = os.path.realpath(out)
+  if key in _LOCKS:
+    return
+  path = os.path.join(out, LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+    os.close(fd)
+    raise RunFolderError(f"--out {out} is in use by another run ({holder}): wait for it to end, "
+                         "or use another --out") from None
+  os.ftruncate(fd, 0)
+  started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+  _LOCKS[key] = fd
 
 
 def check_writable(out: str) -> None:
@@ -109,17 +137,20 @@ def remove_outputs(out: str) -> None:
 
 
 def prepare_out(out: str, identity: dict, *, resume: bool, overwrite: bool, record: str,
-                needs: Optional[str] = None) -> Optional[dict]:
+                needs: Optional[str] = None, exclusive: bool = True) -> Optional[dict]:
   """Make --out ready for a run; the earlier run's record when resuming it, else None.
 
-  record: the file name holding the run's identity; needs: a key that record must hold. With
-  resume and a record: its identity must equal `identity` (else RunMismatch, nothing touched).
-  Otherwise an earlier run's outputs are refused unless overwrite, which removes them. The caller
-  writes the new record (and keeps it current).
+  record: the file name holding the run's identity; needs: a key that record must hold. The
+  folder is locked for this process (exclusive; off for the other processes of a multi-host run,
+  which share process 0's folder and write nothing). With resume and a record: its identity must
+  equal `identity` (else RunMismatch, nothing touched). Otherwise an earlier run's outputs are
+  refused unless overwrite, which removes them. The caller writes the new record.
   """
   if resume and overwrite:
     raise RunFolderError("--resume and --overwrite exclude each other")
   check_writable(out)
+  if exclusive:
+    lock(out)
   path = os.path.join(out, record)
   if resume:
     doc = read_record(path, needs)

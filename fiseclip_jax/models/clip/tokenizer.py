@@ -49,6 +49,11 @@ def get_tokenizer():
   return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
+def n_tokens(text: str) -> int:
+  """The tokens `text` takes untruncated, SOT and EOT included (what must fit CONTEXT_LENGTH)."""
+  return len(get_tokenizer()(text, add_special_tokens=False)["input_ids"]) + 2
+
+
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
   """Token ids (N, context_length) int32: SOT, BPE tokens, EOT, zero padding.
 

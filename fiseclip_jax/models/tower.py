@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import types
 from typing import Any, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -91,6 +92,27 @@ class Tower(abc.ABC):
   @abc.abstractmethod
   def flops(self, image_size: int) -> float:
     """FLOPs per image of one pass at image_size x image_size (multiply-add = 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PortedTower(Tower):
+  """A tower whose pass, params and FLOPs are its port module's functions of (params, cfg, ...):
+  `port.encode(params, cfg, x, layers, dtype, attention_impl)`, `port.init_params(cfg, seed)`,
+  `port.param_shapes(cfg)`, `port.tower_flops(cfg, size)` (the CLIP and DINOv2 ports)."""
+  port: ClassVar[types.ModuleType]
+
+  def forward(self, params, x: Array, layers: Tuple[int, ...], compute_dtype: str,
+              attention_impl: Optional[str]) -> Encoded:
+    return self.port.encode(params, self.cfg, x, layers, compute_dtype, attention_impl)
+
+  def init_params(self, seed: int = 0):
+    return self.port.init_params(self.cfg, seed)
+
+  def param_shapes(self):
+    return self.port.param_shapes(self.cfg)
+
+  def flops(self, image_size: int) -> float:
+    return self.port.tower_flops(self.cfg, image_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,35 +3,23 @@ text encoder and tokenizer, and the per-block hooks SeCLIP reads (DESIGN.md §2,
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 
 from fiseclip_jax.models.clip import model, tokenizer
 from fiseclip_jax.models.clip.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig
-from fiseclip_jax.models.tower import Encoded, TextAlignedTower
+from fiseclip_jax.models.tower import PortedTower, TextAlignedTower
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTower(TextAlignedTower):
+class CLIPTower(PortedTower, TextAlignedTower):
   cfg: CLIPConfig
   name = "clip"
   config_type = CLIPConfig
   mean = OPENAI_MEAN
   std = OPENAI_STD
-
-  def forward(self, params, x, layers: Tuple[int, ...], compute_dtype: str,
-              attention_impl: Optional[str]) -> Encoded:
-    return model.encode(params, self.cfg, x, layers, compute_dtype, attention_impl)
-
-  def init_params(self, seed: int = 0):
-    return model.init_params(self.cfg, seed)
-
-  def param_shapes(self):
-    return model.param_shapes(self.cfg)
-
-  def flops(self, image_size: int) -> float:
-    return model.tower_flops(self.cfg, image_size)
+  port = model
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     return tokenizer.tokenize(texts, self.cfg.context_length)

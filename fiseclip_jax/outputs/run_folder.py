@@ -149,21 +149,19 @@ def prepare_out(out: str, identity: dict, *, resume: bool, overwrite: bool, reco
   if resume and overwrite:
     raise RunFolderError("--resume and --overwrite exclude each other")
   check_writable(out)
-  if exclusive:
-    lock(out)
   path = os.path.join(out, record)
-  if resume:
-    doc = read_record(path, needs)
-    if doc is not None:
-      check_resume(doc, identity, out)
-      return doc
-  earlier = earlier_outputs(out)
+  doc = read_record(path, needs) if resume else None
+  if doc is not None:
+    check_resume(doc, identity, out)
+  earlier = earlier_outputs(out) if doc is None else []
+  if earlier and not overwrite:
+    what = (f"outputs of a run ({', '.join(earlier)}) but no {record} to resume from"
+            if resume else f"an earlier run ({', '.join(earlier)})")
+    advice = ("pass --overwrite to replace them" if resume else
+              "pass --resume to continue it, --overwrite to replace it")
+    raise RunFolderError(f"--out {out} holds {what}: {advice}, or another --out")
+  if exclusive:              # after the read-only checks: a refused run touches nothing
+    lock(out)
   if earlier:
-    if not overwrite:
-      what = (f"outputs of a run ({', '.join(earlier)}) but no {record} to resume from"
-              if resume else f"an earlier run ({', '.join(earlier)})")
-      advice = ("pass --overwrite to replace them" if resume else
-                "pass --resume to continue it, --overwrite to replace it")
-      raise RunFolderError(f"--out {out} holds {what}: {advice}, or another --out")
     remove_outputs(out)
-  return None
+  return doc

@@ -250,7 +250,8 @@ def test_help_and_records_say_what_the_folder_scorer_does(images, tmp_path):
   seed_help = lines[next(i for i, l in enumerate(lines) if l.startswith("  --seed ")) + 1]
   assert "shuffle" not in seed_help and "k_shot" in seed_help, seed_help
   assert "with --save_maps" not in p.stdout
-  out = tmp_path / "out"
-  assert run("eval.folder", f"--images={images}", f"--normal_images={images}", "--k_shot=2",
+  out, good = tmp_path / "out", tmp_path / "good"
+  shutil.copytree(DEMO / "hazelnut" / "test" / "good", good)
+  assert run("eval.folder", f"--images={images}", f"--normal_images={good}", "--k_shot=2",
              "--seed=7", f"--out={out}", *FOLDER).returncode == 0
   assert json.loads((out / "run.json").read_text())["identity"]["seed"] == 7

@@ -74,6 +74,9 @@ def _categories(ds: Dataset) -> List[str]:
   if FLAGS.categories is None:
     return found
   asked = [c.strip() for c in FLAGS.categories]     # none empty: checked when parsed
+  twice = sorted({c for c in asked if asked.count(c) > 1})
+  if twice:
+    raise UsageError(f"--categories names {', '.join(twice)} more than once")
   unknown = [c for c in asked if c not in found]
   if unknown:
     raise UsageError(f"--categories: {', '.join(unknown)} not found in {FLAGS.data_root}; "

@@ -100,6 +100,10 @@ def _check_flags() -> bool:
   if FLAGS.map_range == "threshold" and FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
     raise UsageError("--map_range threshold needs a pixel threshold (--pixel_threshold or "
                      "--threshold_from)")
+  if FLAGS.map_range == "threshold" and FLAGS.pixel_threshold is not None and \
+      not FLAGS.pixel_threshold > 0:
+    raise UsageError(f"--map_range threshold colours 0 .. 2 x --pixel_threshold: expected a "
+                     f"positive --pixel_threshold, got {FLAGS.pixel_threshold}")
   has_bank = bool(FLAGS.normal_images)
   options.check_run_flags(has_bank, FLAGS.references)
   return has_bank
@@ -137,6 +141,15 @@ def unchanged_prefix(done: List[List[dict]]) -> List[List[dict]]:
   return done
 
 
+def _check_apart(a, a_flag: str, b, b_flag: str) -> None:
+  """No file both scored and a reference of itself: matched against itself an image scores about 0
+  (a bank holding the known-good images that set the threshold would set it far too low)."""
+  same = sorted({os.path.realpath(s.path) for s in a} & {os.path.realpath(s.path) for s in b})
+  if same:
+    raise UsageError(f"{len(same)} image(s) of {a_flag} are also in {b_flag} (e.g. {same[0]}): "
+                     "each would be compared with itself; keep the two sets apart")
+
+
 def _prepare_out(ident: dict) -> List[List[dict]]:
   """Complete batches of an earlier run to keep (--resume), after checking the folder."""
   log = BatchLog(os.path.join(FLAGS.out, LOG), LOG_COLUMNS)
@@ -172,6 +185,8 @@ def run() -> None:
   samples = [s for s in samples if s.path not in unreadable]
   bank_samples = _known_good(FLAGS.normal_images, min_side, FLAGS.k_shot) if has_bank else []
   good_samples = _known_good(FLAGS.threshold_from, min_side) if FLAGS.threshold_from else []
+  _check_apart(samples, "--images", bank_samples, "--normal_images")
+  _check_apart(good_samples, "--threshold_from", bank_samples, "--normal_images")
   backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,

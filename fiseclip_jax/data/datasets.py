@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -156,25 +157,30 @@ def _visa_from_csv(root: Path, csv_path: Path, split: str = "test") -> Dict[str,
   The train split holds normal images only; they are the known-good bank of few-shot runs.
   """
   table: Dict[str, List[Sample]] = {}
-  with open(csv_path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-      raise BadInputError(f"{csv_path}: missing columns {missing}; {VISA_LAYOUT}")
-    for row in reader:
-      row = {k: (row.get(k) or "").strip() for k in _CSV_COLUMNS}
-      cat_samples = table.setdefault(row["object"], [])
-      if row["split"] != split:
-        continue
-      where = f"{csv_path} line {reader.line_num}"
-      label = _CSV_LABELS.get(row["label"])
-      if label is None:
-        raise BadInputError(f"{where}: label {row['label']!r}; expected 'normal' or 'anomaly'")
-      image = str(root / row["image"])
-      if label and not row["mask"]:
-        raise BadInputError(f"{where}: anomalous image {image} has no mask path")
-      mask = str(root / row["mask"]) if label else None
-      cat_samples.append(Sample(image, label, mask, "anomaly" if label else "good"))
+  try:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as err:
+    raise BadInputError(f"{csv_path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"{VISA_LAYOUT}") from err
+  reader = csv.DictReader(io.StringIO(text, newline=""))
+  missing = [c for c in _CSV_COLUMNS if c not in (reader.fieldnames or [])]
+  if missing:
+    raise BadInputError(f"{csv_path}: missing columns {missing}; {VISA_LAYOUT}")
+  for row in reader:
+    row = {k: (row.get(k) or "").strip() for k in _CSV_COLUMNS}
+    cat_samples = table.setdefault(row["object"], [])
+    if row["split"] != split:
+      continue
+    where = f"{csv_path} line {reader.line_num}"
+    label = _CSV_LABELS.get(row["label"])
+    if label is None:
+      raise BadInputError(f"{where}: label {row['label']!r}; expected 'normal' or 'anomaly'")
+    image = str(root / row["image"])
+    if label and not row["mask"]:
+      raise BadInputError(f"{where}: anomalous image {image} has no mask path")
+    mask = str(root / row["mask"]) if label else None
+    cat_samples.append(Sample(image, label, mask, "anomaly" if label else "good"))
   return table
 
 

@@ -2,7 +2,6 @@
 the paper's table. Written atomically (`files.py`)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -70,21 +69,3 @@ def score_rows(paths: Sequence[str], labels, scores, n_ref, seclip_only,
 
 def write_scores(path: str, rows: List[list]) -> None:
   write_csv(path, rows)
-
-
-def load_run(out_dir: str) -> Optional[dict]:
-  """The results.json of an earlier run in out_dir, None if there is none; a corrupt file is an
-  error that leaves it in place."""
-  path = os.path.join(out_dir, RESULTS_JSON)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      doc = json.load(f)
-  except json.JSONDecodeError as e:
-    raise json.JSONDecodeError(f"{path} is not valid JSON ({e.msg}); it was left as it is: "
-                               "move it away or use another --out", e.doc, e.pos) from None
-  if not isinstance(doc, dict) or not isinstance(doc.get("categories"), dict):
-    raise ValueError(f"{path} is not a results file of this program (no 'categories'); "
-                     "it was left as it is")
-  return doc

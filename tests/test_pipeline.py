@@ -164,13 +164,25 @@ def test_class_change_does_not_recompile(setup, monkeypatch):
 
 
 def test_bfloat16_close_to_float32(setup):
+  """bfloat16 keeps 8 bits of mantissa (~4e-3 relative) through the tower; maps are probabilities
+  and distances of order 1, so 5e-2 absolute bounds the drift while catching any real error. The
+  setup's lam and mu sit at quantiles of the data, so some patches lie on a threshold, where any
+  rounding flips a mask (and a flipped mask can remove a reference: a discrete change of up to
+  0.2 here). So: the continuous path (no masks) within 5e-2, and every M0 flip on a patch whose
+  P_a / P_n lies within bf16's rounding (2 %) of lam."""
   params, images, text, _, conf = setup
-  f32 = fj.detect(params, CFG, conf, images, np.ones(5, bool), text)
-  bf16 = fj.detect(params, CFG, conf.replace(compute_dtype="bfloat16"), images, np.ones(5, bool), text)
-  # bfloat16 keeps 8 bits of mantissa (~4e-3 relative) through the tower; maps are probabilities
-  # and distances of order 1, so 5e-2 absolute bounds the drift while catching any real error.
+  valid = np.ones(5, bool)
+  plain = conf.replace(vote="off", lam=float("inf"))
+  f32 = fj.detect(params, CFG, plain, images, valid, text)
+  bf16 = fj.detect(params, CFG, plain.replace(compute_dtype="bfloat16"), images, valid, text)
   assert np.abs(np.asarray(bf16.anomaly_maps) - np.asarray(f32.anomaly_maps)).max() < 5e-2
   assert np.abs(np.asarray(bf16.image_scores) - np.asarray(f32.image_scores)).max() < 5e-2
+  f32 = fj.detect(params, CFG, conf, images, valid, text)
+  bf16 = fj.detect(params, CFG, conf.replace(compute_dtype="bfloat16"), images, valid, text)
+  seg = np.asarray(f32.seg_prob)
+  ratio = seg[..., 1] / seg[..., 0]
+  flips = np.asarray(f32.mask0) != np.asarray(bf16.mask0)
+  assert (np.abs(ratio[flips] / conf.lam - 1) < 2e-2).all(), ratio[flips] / conf.lam
 
 
 def _primitive_names(jaxpr):

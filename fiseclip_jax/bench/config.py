@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from fiseclip_jax.core.config import DTYPES, ConfigError, check_choices, knob
+from fiseclip_jax.core.config import ATTENTION_IMPLS, DTYPES, ConfigError, check_choices, knob
 from fiseclip_jax.models.clip.config import VARIANTS
 
 MODELS = tuple(m for m in VARIANTS if m != "demo")
@@ -42,6 +42,9 @@ class BenchConfig:
                                       "dtype, measured at start and end; elsewhere a bf16 8192^3 "
                                       "matmul.")
   seed: int = knob(0, "Seed of the random weights and inputs.")
+  attention_impl: Optional[str] = knob(None, "Attention kernel of every row (default: the "
+                                       "pipeline's choice, method/spec.resolve_attention).",
+                                       ATTENTION_IMPLS)
 
   def __post_init__(self):
     check_choices(self)

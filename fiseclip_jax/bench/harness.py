@@ -93,6 +93,7 @@ def refine_cpu_peaks(result: dict):
 def run(bc: BenchConfig, out: str, flags: dict) -> dict:
   """The whole benchmark; the result is written to `out` after each step and returned."""
   cfg, base = stages.model_configs(bc.model, bc.image_size)
+  base = base.replace(attention_impl=bc.attention_impl)
   result = new_result(bc, cfg, base, flags)
   logging.info("machine %s, peak %s", result["machine"], result["peak"])
   params = registry.init_params(cfg, bc.seed)

@@ -29,7 +29,7 @@ PROXY_HEADS = ("mean", "per_head")
 PROXY_ATTENTIONS = ("layer", "vv", "qq", "kk")
 FILTER_LOOPS = ("r", "layer", "flat")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blocked")   # models/attention.py
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,7 @@ class FiSeConfig:
   compute_dtype: str = knob("float32", "Matmul dtype (float32: HIGHEST precision on every backend).",
                             DTYPES)
   attention_impl: Optional[str] = knob(None, "Attention kernel (default: cuDNN on GPU in bfloat16, "
-                                       "XLA elsewhere).", ATTENTION_IMPLS)
+                                       "blocked on CPU, XLA elsewhere).", ATTENTION_IMPLS)
   pair_chunk: int = knob(32, "Image pairs per step of the matching loop (bounds memory); >= 1.")
 
   def __post_init__(self):

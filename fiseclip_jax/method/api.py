@@ -233,7 +233,7 @@ def _encode_image(params, spec: Spec, images) -> ImageFeatures:
                             images)
     if not spec.has_text:
       return ImageFeatures(None, feats.layer_tokens, None)
-    proxy = seclip.proxy_patch_embed(spec.text, params, spec.conf, feats.text)
+    proxy = seclip.proxy_patch_embed(spec.text, params, spec.conf, feats.text, spec.attention_impl)
     return ImageFeatures(feats.text.cls_embed, feats.layer_tokens, proxy)
 
 

@@ -78,7 +78,7 @@ def seclip_stage(spec: Spec, params: Params, feats: Features, text: Array,
     b = feats.layer_tokens.shape[1]
     return seclip.SeCLIPOut(jnp.zeros((b,), jnp.float32), jnp.zeros((b, n_patches, 2), jnp.float32),
                             jnp.zeros((b, n_patches), bool))
-  return seclip.branch(spec.text, params.text, spec.conf, feats.text, text)
+  return seclip.branch(spec.text, params.text, spec.conf, feats.text, text, spec.attention_impl)
 
 
 def lnamd_stage(spec: Spec, layer_tokens: Array, grid) -> Array:

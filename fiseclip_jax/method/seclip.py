@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fiseclip_jax.models import attention
 from fiseclip_jax.models.tower import Encoded, TextAlignedTower
 
 Array = jax.Array
@@ -76,17 +77,38 @@ def proxy_block(tower: TextAlignedTower, params, x_in: Array, probs: Array, dtyp
   return tower.block_out(params, depth, o, dtype)
 
 
-def proxy_patch_embed(tower: TextAlignedTower, params, conf, encoded: Encoded) -> Array:
-  """SeCLIP's patch embeddings F_s before normalization (B, h*w, D), in chunks of images."""
+def proxy_block_blocked(tower: TextAlignedTower, params, block: int, x_attn: Array, x_in: Array,
+                        kind: str, heads: str, dtype: str) -> Array:
+  """`proxy_block` of `attention_probs` without the (B, H, T, T) probabilities: the borrowed
+  attention applied to the last block's v query block by query block (models/attention.py)."""
+  q, k, v = tower.block_qkv(params, block, x_attn, dtype)                    # (B, T, H, Dh)
+  a, b = {"layer": (q, k), "vv": (v, v), "qq": (q, q), "kk": (k, k)}[kind]
+  _, _, v = tower.block_qkv(params, tower.depth, x_in, dtype)                # the last block's v
+  if heads == "mean":
+    o = attention.mean_head_attention_apply(a, b, v)
+  else:
+    o = attention.dot_product_attention(a, b, v, implementation="blocked")
+  return tower.block_out(params, tower.depth, o, dtype)
+
+
+def proxy_patch_embed(tower: TextAlignedTower, params, conf, encoded: Encoded,
+                      attention_impl: str = "xla") -> Array:
+  """SeCLIP's patch embeddings F_s before normalization (B, h*w, D), in chunks of images.
+
+  attention_impl: the scorer's resolved kernel ("blocked": the proxy attention is never formed)."""
   dtype = conf.compute_dtype
   attn_in, last_in = streams_needed(tower.depth, conf)
   attn_block = attn_in + 1
 
   def chunk_embed(xs):
     x_attn, x_last = xs
-    probs = attention_probs(tower, params, attn_block, x_attn, conf.proxy_attention,
-                            conf.proxy_heads, dtype)
-    x_final = proxy_block(tower, params, x_last, probs, dtype)
+    if attention_impl == "blocked":
+      x_final = proxy_block_blocked(tower, params, attn_block, x_attn, x_last,
+                                    conf.proxy_attention, conf.proxy_heads, dtype)
+    else:
+      probs = attention_probs(tower, params, attn_block, x_attn, conf.proxy_attention,
+                              conf.proxy_heads, dtype)
+      x_final = proxy_block(tower, params, x_last, probs, dtype)
     return tower.embed_tokens(params, x_final[:, 1:], dtype)
 
   x_attn, x_last = encoded.streams[attn_in], encoded.streams[last_in]
@@ -97,10 +119,11 @@ def proxy_patch_embed(tower: TextAlignedTower, params, conf, encoded: Encoded) -
   return out.reshape(b, *out.shape[2:])
 
 
-def branch(tower: TextAlignedTower, params, conf, encoded: Encoded, text: Array) -> SeCLIPOut:
+def branch(tower: TextAlignedTower, params, conf, encoded: Encoded, text: Array,
+           attention_impl: str = "xla") -> SeCLIPOut:
   """The SeCLIP stage: image and patch probabilities against the text, and M0."""
   scale = tower.logit_scale(params)
-  patches = proxy_patch_embed(tower, params, conf, encoded)
+  patches = proxy_patch_embed(tower, params, conf, encoded, attention_impl)
   seg_prob = text_probs(patches, text, scale)                                 # (B, N, 2)
   return SeCLIPOut(cls_score(encoded.cls_embed, text, scale), seg_prob,
                    initial_mask(seg_prob, conf.lam))

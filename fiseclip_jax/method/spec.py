@@ -60,11 +60,15 @@ class Spec:
 
 
 def resolve_attention(conf: FiSeConfig) -> str:
-  """cuDNN fused attention on GPU in bfloat16, XLA's attention elsewhere (CPU, TPU, float32)."""
+  """cuDNN fused attention on GPU in bfloat16, the blocked kernel on CPU (models/attention.py: XLA's
+  would form every (B, H, T, T) score), XLA's attention elsewhere (TPU, GPU in float32)."""
   if conf.attention_impl is not None:
     return conf.attention_impl
-  if jax.default_backend() == "gpu" and conf.compute_dtype == "bfloat16":
+  backend = jax.default_backend()
+  if backend == "gpu" and conf.compute_dtype == "bfloat16":
     return "cudnn"
+  if backend == "cpu":
+    return "blocked"
   return "xla"
 
 

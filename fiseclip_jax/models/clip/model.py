@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiseclip_jax.models import vit
+from fiseclip_jax.models import attention, vit
 from fiseclip_jax.models.clip.config import CLIPConfig
 from fiseclip_jax.models.pos_embed import resample_pos_embed
 from fiseclip_jax.models.tower import Encoded
@@ -71,10 +71,8 @@ class Block(nn.Module):
 
   def __call__(self, x: Array) -> Array:
     q, k, v = self.qkv(x)
-    impl = self.attention_impl
-    if impl == "cudnn" and q.dtype == jnp.float32:
-      impl = None
-    a = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=impl)
+    a = attention.dot_product_attention(q, k, v, is_causal=self.causal,
+                                        implementation=self.attention_impl)
     x = x + self.merge_out(a)
     return x + self.fc2(quick_gelu(self.fc1(self.ln_2(x))))
 

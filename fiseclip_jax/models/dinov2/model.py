@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiseclip_jax.models import vit
+from fiseclip_jax.models import attention, vit
 from fiseclip_jax.models.dinov2.config import IMAGENET_MEAN, IMAGENET_STD, Dinov2Config
 from fiseclip_jax.models.pos_embed import resample_pos_embed
 from fiseclip_jax.models.tower import Encoded
@@ -70,10 +70,7 @@ class Block(nn.Module):
     """Attention branch on the block input x (B, T, W), before LayerScale."""
     h = self.ln_1(x)
     q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
-    impl = self.attention_impl
-    if impl == "cudnn" and q.dtype == jnp.float32:
-      impl = None                                  # cuDNN flash attention is half precision only
-    a = jax.nn.dot_product_attention(q, k, v, implementation=impl)           # (B, T, H, Dh)
+    a = attention.dot_product_attention(q, k, v, implementation=self.attention_impl)  # (B, T, H, Dh)
     return self.out(a.reshape(*a.shape[:-2], self.width))
 
   def ffn(self, x: Array) -> Array:

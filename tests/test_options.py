@@ -23,3 +23,13 @@ def test_out_dir_check_is_safe_for_processes_sharing_the_folder(tmp_path):
     t.join()
   assert not errors, errors[:3]
   assert list((tmp_path / "out").iterdir()) == []       # no probe left behind
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_anew(tmp_path, capsys):
+  """A --resume into a folder holding no run (a mistyped --out, say) starts a new run, and says so,
+  rather than silently scoring everything again."""
+  out = str(tmp_path / "typo")
+  assert run_folder.prepare_out(out, {"a": 1}, resume=True, overwrite=False,
+                                record="run.json") is None
+  err = capsys.readouterr().err
+  assert "--resume" in err and out in err and "new run" in err, err

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from typing import Dict, List, Optional
 
@@ -160,6 +161,8 @@ def prepare_out(out: str, identity: dict, *, resume: bool, overwrite: bool, reco
     advice = ("pass --overwrite to replace them" if resume else
               "pass --resume to continue it, --overwrite to replace it")
     raise RunFolderError(f"--out {out} holds {what}: {advice}, or another --out")
+  if resume and doc is None and not earlier:
+    sys.stderr.write(f"warning: --resume: {out} holds no run to resume; starting a new run\n")
   if exclusive:              # after the read-only checks: a refused run touches nothing
     lock(out)
   if earlier:

@@ -1,12 +1,15 @@
 """The evaluation programs as a new user runs them (subprocesses, small sizes, random weights)."""
 import csv
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,21 @@ def test_demo_runs_end_to_end_and_says_random(tmp_path):
   tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
   assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(m["image"]["f1_max"], abs=1e-12)
   assert (tmp_path / "report.html").exists() and (tmp_path / "curves" / "hazelnut.json").exists()
+  # The counts the page shows are those of the recorded threshold; one row per defect type.
+  assert cat["confusion_at_f1_max"] == {"tp": int(tp), "fp": int(fp), "fn": int(fn),
+                                        "tn": int((~pred & ~labels).sum())}
+  assert {d: r["n"] for d, r in cat["by_defect"].items()} == {"good": 6, "colour": 17}
+  assert cat["by_defect"]["colour"]["flagged"] == int(tp)
+  assert cat["positive_share"]["image"] == pytest.approx(17 / 23)
+  # Every file the page links exists (thumbnails, full-size overlays, originals, curves), and the
+  # page carries the overlays' colour bar on the run's scale.
+  page = (tmp_path / "report.html").read_text(encoding="utf-8")
+  links = [html.unescape(m) for m in re.findall(r'(?:src|href)="([^"#][^"]*)"', page)]
+  assert any(l.endswith("_full.png") for l in links) and any("_original" in l for l in links)
+  for link in links:
+    assert (tmp_path / urllib.parse.unquote(link)).is_file(), link
+  assert 'class="colourbar"' in page and "linear-gradient" in page
+  assert page.count('<figure>') == 12                          # three rows of four examples
 
 
 def test_deterministic_and_resume(two_categories, tmp_path):

@@ -32,7 +32,7 @@ def test_same_score_same_colour_whatever_the_images_range():
   assert not np.array_equal(a[40:50, 40:50], b[40:50, 40:50])   # their own ranges still differ
   # Per-image min-max normalization (what overlays did before) paints both 0.4s differently.
   norm = lambda m: (m - m.min()) / (m.max() - m.min())
-  assert not np.array_equal(overlays.jet(norm(low))[:16, :16], overlays.jet(norm(high))[:16, :16])
+  assert not np.array_equal(overlays.colour(norm(low))[:16, :16], overlays.colour(norm(high))[:16, :16])
 
 
 def test_contour_ground_truth_and_score_are_drawn():
@@ -55,3 +55,64 @@ def test_colour_scale_parsing():
   for bad in ("1,0", "x", "0.5"):
     with pytest.raises(ValueError):
       overlays.ColourScale.parse(bad)
+
+
+def test_the_bottom_of_the_scale_shows_the_part_as_it_is():
+  """Low scores leave the image visible: at or below the scale's low end the overlay is the
+  original pixel; colour grows with the value up to MAX_OPACITY (no navy wash over the part)."""
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+  amap = np.zeros((60, 80), np.float32)
+  amap[:, 40:] = np.linspace(0.0, 1.0, 40)[None, :]
+  out = overlays.render(rgb, amap, overlays.ColourScale(0.0, 1.0)).astype(int)
+  np.testing.assert_array_equal(out[:, :41], rgb[:, :41])             # value 0: the image itself
+  u = amap[0, 40:]
+  off = np.abs(out[:, 40:] - rgb[:, 40:].astype(int)).max(axis=(0, 2))  # per column
+  assert (off <= overlays.opacity(u) * 255 + 1).all(), off            # near the bottom: nearly it
+  assert off[1] <= 0.05 * 255
+  top = overlays.colour(np.float32(1.0)).astype(float)
+  expect = (1 - overlays.MAX_OPACITY) * rgb[:, -1] + overlays.MAX_OPACITY * top
+  assert np.abs(out[:, -1] - expect).max() <= 1                       # the top: MAX_OPACITY colour
+
+
+def test_the_colour_map_is_perceptual():
+  """Lightness rises monotonically along the scale (a map a reader can rank values on)."""
+  rgb = overlays.colour(np.linspace(0, 1, 64, dtype=np.float32)).astype(float) / 255
+  luma = rgb @ np.array([0.2126, 0.7152, 0.0722])
+  assert (np.diff(luma) > 0).all()
+  stops = overlays.legend_stops(5)
+  assert stops[0][0] == 0.0 and stops[-1][0] == 1.0 and len(stops) == 5
+
+
+def test_the_legend_strip_shows_scale_contour_and_ground_truth():
+  grey = np.full((200, 300, 3), 100, np.uint8)
+  amap = np.zeros((200, 300), np.float32)
+  amap[50:100, 50:100] = 0.8
+  gt = np.zeros((200, 300), bool)
+  gt[60:90, 60:90] = True
+  scale = overlays.ColourScale(0.0, 1.0)
+  plain = overlays.render(grey, amap, scale, 0.5, 0.8, gt)
+  out = overlays.render(grey, amap, scale, 0.5, 0.8, gt, legend=True)
+  assert out.shape[0] > plain.shape[0] and out.shape[1:] == plain.shape[1:]
+  np.testing.assert_array_equal(out[:200], plain)                       # the overlay unchanged
+  strip = out[200:].reshape(-1, 3)
+  as_set = {tuple(p) for p in strip}
+  for u in (0.0, 0.5, 1.0):                                             # the colour bar
+    c = overlays.colour(np.float32(u)).astype(int)
+    assert np.abs(np.array(list(as_set), int) - c).sum(1).min() <= 6, u
+  assert tuple(overlays.CONTOUR) in as_set and tuple(overlays.GROUND_TRUTH) in as_set
+  # Without a threshold or ground truth the key names neither.
+  bare = overlays.render(grey, amap, scale, legend=True)[200:].reshape(-1, 3)
+  assert tuple(overlays.GROUND_TRUTH) not in {tuple(p) for p in bare}
+
+
+def test_a_thumbnail_keeps_its_caption_readable(tmp_path):
+  """A shrunk overlay is drawn at its small size, so the score's text is not a speck."""
+  rgb = np.full((600, 800, 3), 90, np.uint8)
+  amap = np.zeros((64, 64), np.float32)
+  overlays.save_overlay(str(tmp_path / "t.png"), rgb, amap, overlays.ColourScale(0, 1), 0.5,
+                        0.42, max_side=320)
+  t = np.asarray(Image.open(tmp_path / "t.png"))
+  assert t.shape == (240, 320, 3)
+  rows = np.flatnonzero((t[:, :160] > 200).all(-1).any(1))   # rows holding the caption's text
+  assert rows.size and rows.max() - rows.min() + 1 >= 8, rows

@@ -34,6 +34,22 @@ def test_log_gets_whole_lines_and_a_last_one():
   assert quiet.getvalue().count("10/10") == 1
 
 
+def test_the_wait_before_the_first_batch_is_named():
+  """A first batch that compiles for a minute says so at once, in a log and on a terminal."""
+  log = io.StringIO()
+  p = Progress(10, "cat", stream=log, every_s=3600.0, waiting="compiling the model")
+  assert log.getvalue() == "cat: 0/10 images, compiling the model\n"
+  p.update(10)
+  p.close()
+  assert log.getvalue().count("\n") == 2
+  tty = FakeTTY()
+  p = Progress(4, "cat", stream=tty, waiting="compiling the model")
+  assert "compiling the model" in tty.getvalue()
+  p.update(4)
+  p.close()
+  assert "compiling" not in tty.getvalue().split("\r")[-1]       # gone once images are done
+
+
 def test_terminal_gets_a_bar():
   tty = FakeTTY()
   p = Progress(4, "cat", stream=tty)

@@ -10,7 +10,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from fiseclip_jax.outputs import html_report as report
+from fiseclip_jax.outputs import curves_figure, html_report as report
 
 BAD_NAME = 'a<b>&"c".png'
 
@@ -154,10 +154,10 @@ def test_report_is_idempotent(run):
 
 def test_partial_and_empty_runs(tmp_path):
   # Only pixel ROC and PRO written: two curves.
-  fig, n = report.curves_figure({"pixel": {"roc": _roc(), "pro": {"fpr": [0, 1], "pro": [0, 1]}},
+  fig, n = curves_figure.curves_figure({"pixel": {"roc": _roc(), "pro": {"fpr": [0, 1], "pro": [0, 1]}},
                                  "image": None}, None)
   assert n == 2
-  svg = report.figure_svg(fig, "k")
+  svg = curves_figure.figure_svg(fig, "k")
   assert svg.count('id="curve-') == 2 and 'id="curve-pixel-roc"' in svg
   assert report.anchor("a&b c") != report.anchor("a b c")   # ids stay unique
   # Before any category finished (no results.json at all): a page that says so.
@@ -167,9 +167,9 @@ def test_partial_and_empty_runs(tmp_path):
 
 def test_needs_matplotlib(run, monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)
-  with pytest.raises(report.ReportUnavailable) as e:
+  with pytest.raises(curves_figure.ReportUnavailable) as e:
     report.write_report(run)
-  assert str(e.value) == "report.html needs matplotlib: pip install 'fiseclip-jax[viz]'"
+  assert str(e.value) == curves_figure.MISSING_MATPLOTLIB and "pip install matplotlib" in str(e.value)
   assert isinstance(e.value, RuntimeError)
   assert not os.path.exists(os.path.join(run, "report.html"))
 
@@ -182,3 +182,55 @@ def test_random_weights_are_said_on_the_page(run):
   json.dump(doc, open(os.path.join(run, "results.json"), "w"))
   page = open(report.write_report(run), encoding="utf-8").read()
   assert page.index("RANDOM WEIGHTS") < page.index("Metrics")
+
+
+def test_metrics_are_shaded_against_their_chance_level(run):
+  """An F1-max equal to flagging every image, an AP equal to the positive share and an AUROC
+  below 50 are not green; the PR panel draws the positive shares it is read against."""
+  doc = json.load(open(os.path.join(run, "results.json")))
+  bottle = doc["categories"]["bottle"]
+  p = 0.765
+  bottle["positive_share"] = {"image": p, "pixel": 0.02}
+  bottle["metrics"]["image"] = {"auroc": 0.45, "f1_max": 2 * p / (1 + p), "ap": p}
+  bottle["metrics"]["pixel"]["ap"] = 0.655
+  json.dump(doc, open(os.path.join(run, "results.json"), "w"))
+  page = open(report.write_report(run), encoding="utf-8").read()
+  row = re.search(r'<tr><th scope="row"><a href="#cat-bottle">bottle</a></th>(.*?)</tr>', page).group(1)
+  cells = re.findall(r"<td([^>]*)>([^<]*)</td>", row)[:7]        # Table 1's seven columns
+  by_header = dict(zip(report.HEADERS, cells))
+  for h in ("im-AUROC", "im-F1max", "im-AP"):
+    assert 'class="chance"' in by_header[h][0] and "46,160,90" not in by_header[h][0], h
+  assert 'title="chance 50.0"' in by_header["im-AUROC"][0]
+  assert f'title="chance {100 * p:.1f}"' in by_header["im-AP"][0]
+  assert "46,160,90" in by_header["px-AP"][0] and 'title="chance 2.0"' in by_header["px-AP"][0]
+  svg = open(os.path.join(run, "report", "bottle", "curves.svg"), encoding="utf-8").read()
+  assert 'id="chance-image-pr"' in svg and 'id="chance-pixel-pr"' in svg
+  # screw has no positive share recorded: F1 and AP chance unknown, so those cells stay unshaded.
+  row = re.search(r'<tr><th scope="row"><a href="#cat-screw">screw</a></th>(.*?)</tr>', page).group(1)
+  assert "46,160,90" not in row
+
+
+def test_histogram_confusion_and_defect_rows(run, tmp_path):
+  doc = json.load(open(os.path.join(run, "results.json")))
+  bottle = doc["categories"]["bottle"]
+  bottle["confusion_at_f1_max"] = {"tp": 7, "fp": 2, "fn": 1, "tn": 30}
+  bottle["by_defect"] = {"good": {"n": 32, "flagged": 2, "mean": 0.3, "min": 0.1, "max": 0.7},
+                         "broken_large": {"n": 8, "flagged": 7, "mean": 0.8, "min": 0.5,
+                                          "max": 0.9, "auroc": 0.97}}
+  bottle["overlay_scale"] = {"lo": 0.0, "hi": 1.0, "contour": 0.4321}
+  json.dump(doc, open(os.path.join(run, "results.json"), "w"))
+  os.makedirs(os.path.join(run, "scores"), exist_ok=True)
+  with open(os.path.join(run, "scores", "bottle.csv"), "w") as f:
+    f.write("path,label,score,n_ref,seclip_only\n")
+    for i in range(32):
+      f.write(f"g{i}.png,0,{0.1 + 0.01 * i},7,0\n")
+    for i in range(8):
+      f.write(f"d{i}.png,1,{0.5 + 0.05 * i},7,0\n")
+  page = open(report.write_report(run), encoding="utf-8").read()
+  bottle_html = page[page.index('id="cat-bottle"'):page.index('id="cat-screw"')]
+  assert 'id="histogram"' in bottle_html and "good (32)" in bottle_html and "defective (8)" in bottle_html
+  assert bottle_html.count('class="threshold"') == 2                # F1-max and the FPR threshold
+  for text in ("7 caught", "1 missed", "2 false alarms", "30 passed", "broken_large", "7 of 8",
+               "97.0", 'class="colourbar"'):
+    assert text in bottle_html, text
+  assert "tick-mark" in bottle_html                                  # the contour's place on the bar

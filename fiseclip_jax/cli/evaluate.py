@@ -30,6 +30,7 @@ from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import Progress
+from fiseclip_jax.outputs.page import plural
 from fiseclip_jax.data.order import draw, shuffled
 from fiseclip_jax.data.tables import DATASETS, Dataset
 from fiseclip_jax.outputs import category as category_outputs
@@ -38,6 +39,7 @@ from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
 FLAGS = flags.FLAGS
+COMPILING = "compiling the model (the first batch only)"
 
 
 def define_flags(dataset: Optional[str] = None) -> None:
@@ -55,8 +57,7 @@ def define_flags(dataset: Optional[str] = None) -> None:
                       "'threshold' (0 to 2x the pixel threshold, the threshold mid-scale).")
   flags.DEFINE_float("report_fpr", 0.05, "The image false-positive rate whose threshold on normal "
                      "images results.json records beside the F1-max thresholds.")
-  flags.DEFINE_bool("report", True, "Write report.html (needs matplotlib: pip install "
-                    "'fiseclip-jax[viz]').")
+  flags.DEFINE_bool("report", True, "Write report.html, rebuilt after every category.")
   options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
   options.check("report_fpr", options.fraction, "a share in [0, 1)")
   options.check("class_name", lambda v: bool(v.strip()), "a non-empty object name")
@@ -156,8 +157,10 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
   mesh = e.sharding.make_mesh(devices)
   model = runtime.model_on(ckpts, mesh)
   is_main = e.jax.process_index() == 0
-  print(f"{ds.name}: {len(plans)} categories, {len(devices)} {devices[0].platform} device(s) x "
-        f"{e.jax.process_count()} process(es), batch {FLAGS.batch_size}, {conf.image_size}px, "
+  print(f"{ds.name}: {plural(len(plans), 'category', 'categories')}, "
+        f"{plural(len(devices), devices[0].platform + ' device')} x "
+        f"{plural(e.jax.process_count(), 'process', 'processes')}, batch {FLAGS.batch_size}, "
+        f"{conf.image_size}px, "
         f"{conf.compute_dtype}, references {conf.references}"
         + (f" (k_shot {FLAGS.k_shot})" if FLAGS.k_shot else ""))
   header = {"identity": ident, "dataset": ds.name, "data_root": ident["data_root"],
@@ -168,7 +171,7 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
                         "processes": e.jax.process_count()}}
   where = category_outputs.CategoryOutputs(FLAGS.out, FLAGS.data_root, FLAGS.map_range,
                                            FLAGS.report_fpr, FLAGS.save_maps)
-  report_warned = False
+  report_warned, compiled = False, False
   for cat, p in plans.items():
     if cat in done:
       print(f"  {cat}: done earlier (--resume), skipped")
@@ -181,7 +184,9 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
     # Multi-host: whole batches are dealt to processes, so every batch keeps its images together.
     starts = e.sharding.process_share(range(0, len(samples), FLAGS.batch_size))
     mine_index = [i for st in starts for i in range(st, min(st + FLAGS.batch_size, len(samples)))]
-    progress = Progress(len(samples), f"  {cat}", enabled=FLAGS.progress and is_main)
+    progress = Progress(len(samples), f"  {cat}", enabled=FLAGS.progress and is_main,
+                        waiting=None if compiled else COMPILING)
+    compiled = True
     scored = e.scoring.score_samples(
         [samples[i] for i in mine_index], indices=mine_index, model=model, conf=conf,
         text=text, mesh=mesh, batch_size=FLAGS.batch_size, bank=bank,
@@ -191,6 +196,9 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
     scored = scored.gather().sorted()
     if not is_main:
       continue
+    if FLAGS.progress:
+      print(f"  {cat}: computing the metrics and writing the outputs"
+            + (" and the report" if FLAGS.report else ""), flush=True)
     result = category_outputs.category_result(cat, scored, p, time.time() - t0, FLAGS.report_fpr)
     print(category_outputs.summary_line(cat, result))
     done[cat] = category_outputs.write_category(where, cat, result, scored, samples)

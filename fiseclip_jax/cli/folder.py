@@ -48,8 +48,9 @@ def define_flags() -> None:
   options.define_bank_flags("--normal_images (default: all of them)",
                             "Seed of the --k_shot draw from --normal_images.")
   options.define_method_flags()
-  flags.DEFINE_string("images", None, "Folder of images to score.")
-  flags.DEFINE_string("class_name", None, "What the images show, as in the prompts (e.g. 'metal nut').")
+  flags.DEFINE_string("images", None, "Required: the folder of images to score.")
+  flags.DEFINE_string("class_name", None, "Required: what the images show, as in the prompts (e.g. "
+                      "'metal nut').")
   flags.DEFINE_bool("recursive", False, "Also score the images in sub-folders of --images.")
   flags.DEFINE_string("normal_images", None, "Folder of known-good images: the bank of references.")
   flags.DEFINE_alias("bank_size", "stream_window")     # the window's name before 0.2

@@ -22,8 +22,7 @@ STREAM_DEFAULT_WINDOW = 16    # its window when --stream_window is not given
 # Knobs whose flag default differs from the field's: resolved when the run starts.
 RESOLVED_LATER = {
     "compute_dtype": "Default: float32 on CPU, bfloat16 on GPU/TPU.",
-    "references": "Default: batch, or both when a bank is given (--k_shot, --normal_images); "
-                  "'rolling': a stream, each image against the --stream_window images before it.",
+    "references": "Default: batch, or both when a bank of known-good images is given.",
     "stream_window": f"Default: 0, or {STREAM_DEFAULT_WINDOW} with --references rolling.",
 }
 
@@ -99,11 +98,14 @@ def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES + (STRE
                         exclude: Sequence[str] = (),
                         flag_values: flags.FlagValues = FLAGS) -> None:
   """One flag per FiSeConfig field (the references flag limited to `reference_modes`)."""
+  later = dict(RESOLVED_LATER)
+  if STREAM in reference_modes:       # the help names only what this program accepts
+    later["references"] += (f" '{STREAM}': a stream, each image against the --stream_window "
+                            "images before it.")
   for f in dataclasses.fields(FiSeConfig):
     if f.name in exclude:
       continue
-    define_field_flag(f, reference_modes if f.name == "references" else None, RESOLVED_LATER,
-                      flag_values)
+    define_field_flag(f, reference_modes if f.name == "references" else None, later, flag_values)
 
 
 def fise_config(backend: str, has_bank: bool, flag_values: flags.FlagValues = FLAGS) -> FiSeConfig:
@@ -165,10 +167,10 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
   f = flags
   f.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device use).")
   if with_data_root:
-    f.DEFINE_string("data_root", None, f"{what} root folder.")
+    f.DEFINE_string("data_root", None, f"Required: {what} root folder.")
     f.DEFINE_list("categories", None, "Categories to run (default: all found).")
-  f.DEFINE_string("weights", None, "CLIP checkpoint converted with `python -m weights.convert` (a "
-                  "DINOv2 one alone runs FiCLIP only).")
+  f.DEFINE_string("weights", None, "Required unless --random_weights: the CLIP checkpoint converted "
+                  "with `python -m weights.convert` (a DINOv2 one alone runs FiCLIP only).")
   f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "
                   "with `python -m weights.convert`); CLIP (--weights) keeps SeCLIP.")
   f.DEFINE_bool("random_weights", False, "Random weights instead of --weights (numbers are meaningless).")

@@ -11,10 +11,12 @@ class Progress:
 
   On a terminal: a tqdm bar (rate and ETA). Otherwise (stderr redirected to a file, a batch
   scheduler's log): one whole line every `every_s` seconds and a last one at close, never a '\\r'.
+  waiting: what happens before the first image is done (e.g. "compiling"), said at once and
+  until then, so a long first batch is not silence.
   """
 
   def __init__(self, total: int, desc: str, enabled: bool = True, stream: Optional[TextIO] = None,
-               every_s: float = 30.0):
+               every_s: float = 30.0, waiting: Optional[str] = None):
     self.total, self.desc, self.every_s = total, desc, every_s
     self.stream = stream or sys.stderr
     self.enabled = enabled
@@ -26,6 +28,12 @@ class Progress:
       from tqdm import tqdm
       self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream, leave=True,
                       dynamic_ncols=True)
+    self.waiting = waiting if enabled else None
+    if self.waiting and self.bar is not None:
+      self.bar.set_postfix_str(self.waiting)
+    elif self.waiting:
+      self.stream.write(f"{desc}: 0/{total} images, {self.waiting}\n")
+      self.stream.flush()
 
   def _line(self) -> str:
     elapsed = time.monotonic() - self.t0
@@ -39,6 +47,9 @@ class Progress:
     if not self.enabled:
       return
     if self.bar is not None:
+      if self.waiting and done:
+        self.bar.set_postfix_str("", refresh=False)
+        self.waiting = None
       self.bar.update(done - self.done)
       self.done = done
       return

@@ -7,11 +7,15 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from fiseclip_jax.outputs import html_report, metrics, overlays, results
+from fiseclip_jax.core.files import atomic_write
+from fiseclip_jax.outputs import curves_figure, html_report, metrics, overlays, results
 from fiseclip_jax.outputs.files import write_json
 
-EXAMPLES = 4        # highest-scoring good and lowest-scoring defective images shown per category
-THUMB_SIDE = 320
+EXAMPLES = 4        # images per example row of a category (report.html)
+THUMB_SIDE = 500    # a thumbnail's longest side (shown at half that, so it stays sharp)
+# The report's example rows: key, label, file prefix, order (-1 highest score first).
+EXAMPLE_ROWS = (("good_highest", 0, "good", -1), ("defective_lowest", 1, "missed", 1),
+                ("defective_highest", 1, "caught", -1))
 
 
 class CategoryOutputs(NamedTuple):
@@ -35,6 +39,9 @@ def category_result(cat: str, scored, p, seconds: float, report_fpr: float) -> d
     return {**out, "metrics": {}, "thresholds": {}}
   image = metrics.image_report(scored.labels, scored.scores, fpr=report_fpr)
   pixel = metrics.pixel_metrics(scored.masks, scored.maps, details=True)
+  out["positive_share"] = {"image": float(np.mean(scored.labels == 1)),
+                           "pixel": float(np.mean(scored.masks))}
+  out["confusion_at_f1_max"] = metrics.confusion(scored.labels, scored.scores, image["f1_threshold"])
   out.update(metrics={"image": image["metrics"], "pixel": pixel["metrics"]}, thresholds={
       "rule": "flag an image (a pixel) iff its score (map value) >= the threshold",
       "image_f1_max": image["f1_threshold"], "pixel_f1_max": pixel["f1_threshold"],
@@ -76,24 +83,39 @@ def write_category(where: CategoryOutputs, cat: str, result: dict, scored, sampl
     overlays.save_overlay(path, rgb, scored.maps[j], scale, t_px, float(scored.scores[j]),
                           overlays.ground_truth_mask(s.mask_path, rgb.shape[:2]), max_side)
 
+  result["by_defect"] = metrics.by_defect([s.defect for s in samples_of], scored.labels,
+                                          scored.scores, result["thresholds"].get("image_f1_max"))
+  result["overlay_scale"] = {"lo": scale.lo, "hi": scale.hi, "colour_map": overlays.COLOUR_MAP,
+                             "contour": t_px, "contour_is": "the pixel F1-max threshold, picked "
+                             "on this category's test labels"}
   if where.save_maps:
     for j, s in enumerate(samples_of):
       name = overlays.map_name(s.path, root)
       draw(j, os.path.join(where.out, "maps", cat, name + ".png"))
   examples = {}
-  for key, label, prefix, order in (("good_highest", 0, "good", -1),
-                                    ("defective_lowest", 1, "defect", 1)):
+  for key, label, prefix, order in EXAMPLE_ROWS:
     idx = np.flatnonzero(scored.labels == label)
     idx = idx[np.argsort(order * scored.scores[idx], kind="stable")][:EXAMPLES]
     examples[key] = []
     for k, j in enumerate(idx):
-      image = f"report/{cat}/{prefix}_{k}.png"
-      draw(int(j), os.path.join(where.out, image), THUMB_SIDE)
-      examples[key].append({"path": samples_of[j].path, "score": float(scored.scores[j]),
-                            "name": overlays.map_name(samples_of[j].path, root),
-                            "label": label, "image": image})
+      s = samples_of[j]
+      stem = f"report/{cat}/{prefix}_{k}"
+      draw(int(j), os.path.join(where.out, stem + ".png"), THUMB_SIDE)
+      draw(int(j), os.path.join(where.out, stem + "_full.png"))
+      original = stem + "_original" + os.path.splitext(s.path)[1].lower()
+      copy_file(s.path, os.path.join(where.out, original))
+      examples[key].append({"path": s.path, "score": float(scored.scores[j]),
+                            "name": overlays.map_name(s.path, root), "defect": s.defect,
+                            "label": label, "image": stem + ".png", "full": stem + "_full.png",
+                            "original": original})
   write_json(os.path.join(where.out, "report", cat, "examples.json"), examples)
   return result
+
+
+def copy_file(src: str, dst: str) -> None:
+  """A file's bytes under another name (atomic, like every output)."""
+  with open(src, "rb") as f:
+    atomic_write(dst, f.read(), fsync=False)
 
 
 def write_report(out: str) -> Optional[str]:
@@ -101,7 +123,7 @@ def write_report(out: str) -> Optional[str]:
   warning (once per run is the caller's business), else None."""
   try:
     html_report.write_report(out)
-  except html_report.ReportUnavailable as e:
+  except curves_figure.ReportUnavailable as e:
     return f"warning: {e} (or pass --noreport)"
   return None
 

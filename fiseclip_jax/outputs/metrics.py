@@ -8,7 +8,7 @@ missing, degenerate AU-PRO curve) is `nan`, never 0.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -254,3 +254,29 @@ def image_report(labels, scores, fpr: float = 0.05, max_points: int = 512) -> di
   return {"metrics": {k: out[k] for k in ("auroc", "f1_max", "ap")},
           "f1_threshold": out["f1_threshold"],
           "at_fpr": threshold_at_fpr(neg, fpr) if neg.size else None, "curves": out["curves"]}
+
+
+def confusion(labels, scores, threshold: float) -> Dict[str, int]:
+  """Counts of the decision 'defective iff score >= threshold' against the labels (1 defect)."""
+  y = np.asarray(labels).astype(int) == 1
+  flag = np.asarray(scores, np.float64) >= threshold
+  return {"tp": int((y & flag).sum()), "fp": int((~y & flag).sum()),
+          "fn": int((y & ~flag).sum()), "tn": int((~y & ~flag).sum())}
+
+
+def by_defect(defects: Sequence[str], labels, scores, threshold: Optional[float]) -> Dict[str, dict]:
+  """Per defect type (normal images as 'good'): images, how many the threshold flags, mean, min
+  and max score, and the AUROC of that type against the normal images (None without both)."""
+  defects = np.asarray([d or "?" for d in defects], object)
+  scores = np.asarray(scores, np.float64)
+  good = scores[np.asarray(labels).astype(int) == 0]
+  out = {}
+  for d in sorted(set(defects), key=lambda d: (d != "good", d)):
+    s = scores[defects == d]
+    row = {"n": int(s.size), "mean": float(s.mean()), "min": float(s.min()), "max": float(s.max()),
+           "flagged": None if threshold is None else int((s >= threshold).sum())}
+    if d != "good":
+      row["auroc"] = (image_metrics(np.r_[np.ones(s.size), np.zeros(good.size)],
+                                    np.r_[s, good])["auroc"] if good.size else None)
+    out[d] = row
+  return out

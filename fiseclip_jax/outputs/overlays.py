@@ -4,23 +4,35 @@ A map is computed on the model's square input (S x S); it is resampled back to t
 height and width (bilinear), coloured on a fixed range shared by every image of a run (so a perfect
 part is not as red as a broken one), and drawn over the image with the decision threshold as a
 contour, the image score written on it, and in benchmark mode the ground-truth outline.
+
+The colours are matplotlib's perceptual `inferno`, laid over the image with an opacity that grows
+with the value: 0 at the bottom of the scale (the part shows as it is), MAX_OPACITY from OPAQUE_FROM
+of the scale up, so low scores never stain the part. `legend_strip` draws the scale, the contour and
+the ground truth's colours as a strip under an overlay (`--overlay_legend`); the HTML pages draw the
+same legend from `legend_stops` and the colour constants here.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from fiseclip_jax.core.files import atomic_write
 from fiseclip_jax.data.preprocess import read_rgb
 
+COLOUR_MAP = "inferno"          # matplotlib's name; perceptual, dark to light
+MAX_OPACITY = 0.75              # the colour's weight over the image at the top of the scale
+OPAQUE_FROM = 0.5               # the share of the scale from which MAX_OPACITY applies
 CONTOUR = (255, 255, 255)       # the threshold's contour
 GROUND_TRUTH = (0, 255, 0)      # the ground-truth outline
+CAPTION = (235, 235, 235)       # the score's text (not pure white: never mistaken for the contour)
+CAPTION_BOX = (0, 0, 0)
 
 
 class ColourScale(NamedTuple):
@@ -64,12 +76,28 @@ class ColourScale(NamedTuple):
     return np.clip((x - self.lo) / (self.hi - self.lo), 0.0, 1.0)
 
 
-def jet(m: np.ndarray) -> np.ndarray:
-  """Values in [0, 1] (H, W) -> uint8 RGB (H, W, 3) on a jet-like scale (blue low, red high)."""
-  m = np.clip(m, 0.0, 1.0)
-  rgb = np.stack([np.clip(1.5 - np.abs(4 * m - 3), 0, 1), np.clip(1.5 - np.abs(4 * m - 2), 0, 1),
-                  np.clip(1.5 - np.abs(4 * m - 1), 0, 1)], -1)
-  return (255 * rgb).astype(np.uint8)
+@functools.lru_cache(maxsize=1)
+def _lut() -> np.ndarray:
+  """(256, 3) uint8: COLOUR_MAP sampled at 256 evenly spaced values."""
+  from matplotlib import colormaps
+  return np.round(255 * colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256))[:, :3]).astype(np.uint8)
+
+
+def colour(u: np.ndarray) -> np.ndarray:
+  """Values in [0, 1] (H, W) -> uint8 RGB (H, W, 3) on COLOUR_MAP (clipped)."""
+  idx = np.round(255 * np.clip(np.nan_to_num(np.asarray(u, np.float32)), 0.0, 1.0)).astype(np.int32)
+  return _lut()[idx]
+
+
+def opacity(u: np.ndarray) -> np.ndarray:
+  """The colour's weight at scale position u in [0, 1]: 0 at the bottom, MAX_OPACITY from
+  OPAQUE_FROM up (linear between)."""
+  return MAX_OPACITY * np.clip(np.asarray(u, np.float32) / OPAQUE_FROM, 0.0, 1.0)
+
+
+def legend_stops(n: int = 9) -> List[Tuple[float, Tuple[int, int, int]]]:
+  """n (position, RGB) points of the colour map, for a CSS gradient of the same scale."""
+  return [(float(u), tuple(int(c) for c in colour(np.float32(u)))) for u in np.linspace(0, 1, n)]
 
 
 def resize_map(anomaly_map: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
@@ -91,12 +119,15 @@ def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
 
 def render(rgb: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale,
            threshold: Optional[float] = None, score: Optional[float] = None,
-           ground_truth: Optional[np.ndarray] = None, alpha: float = 0.5) -> np.ndarray:
-  """The overlay (H, W, 3) uint8 of an image (H, W, 3) uint8 and its map at any size."""
+           ground_truth: Optional[np.ndarray] = None, legend: bool = False) -> np.ndarray:
+  """The overlay (H, W, 3) uint8 of an image (H, W, 3) uint8 and its map at any size; legend: a
+  strip under it (H + strip, W, 3) with the colour scale and what the lines mean."""
   h, w = rgb.shape[:2]
   m = resize_map(anomaly_map, (h, w))
-  out = (1 - alpha) * rgb.astype(np.float32) + alpha * jet(scale.unit(m)).astype(np.float32)
-  out = out.astype(np.uint8)
+  u = scale.unit(m)
+  a = opacity(u)[..., None]                                             # (H, W, 1)
+  out = (1 - a) * rgb.astype(np.float32) + a * colour(u).astype(np.float32)
+  out = np.round(out).astype(np.uint8)
   line = max(1, round(min(h, w) / 300))
   if threshold is not None:
     out[outline(m >= threshold, line)] = CONTOUR
@@ -104,15 +135,64 @@ def render(rgb: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale,
     out[outline(ground_truth, line)] = GROUND_TRUTH
   if score is not None:
     out = _caption(out, f"score {score:.3f}")
+  if legend:
+    out = np.concatenate([out, legend_strip(w, scale, threshold, ground_truth is not None)], 0)
   return out
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):        # Pillow without FreeType: the fixed bitmap font
+    return ImageFont.load_default()
+
+
+def text_size(h: int, w: int) -> int:
+  """A caption size readable when the image is shown shrunk to a thumbnail."""
+  return max(11, round(min(h, w) / 24))
 
 
 def _caption(rgb: np.ndarray, text: str) -> np.ndarray:
   img = Image.fromarray(rgb)
   draw = ImageDraw.Draw(img)
-  box = draw.textbbox((4, 4), text)
-  draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
-  draw.text((4, 4), text, fill=(255, 255, 255))
+  font = _font(text_size(*rgb.shape[:2]))
+  pad = max(3, font.size // 4) if hasattr(font, "size") else 3
+  box = draw.textbbox((pad + 1, pad + 1), text, font=font)
+  draw.rectangle((box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad), fill=CAPTION_BOX)
+  draw.text((pad + 1, pad + 1), text, fill=CAPTION, font=font)
+  return np.asarray(img)
+
+
+def legend_strip(width: int, scale: ColourScale, threshold: Optional[float] = None,
+                 ground_truth: bool = False) -> np.ndarray:
+  """(h, width, 3) uint8: the colour bar from scale.lo to scale.hi (a tick at the threshold), and
+  a key for the contour and the ground truth, in the overlays' own colours."""
+  size = max(11, min(28, round(width / 40)))
+  font, pad = _font(size), max(4, size // 2)
+  bar_h = max(8, size)
+  h = pad + bar_h + pad + size + pad + (size + pad)
+  img = Image.new("RGB", (width, h), (24, 24, 24))
+  draw = ImageDraw.Draw(img)
+  x0, x1 = pad, max(pad + 2, width - pad)
+  ramp = colour(np.linspace(0.0, 1.0, x1 - x0, dtype=np.float32)[None, :])     # (1, W', 3)
+  img.paste(Image.fromarray(np.repeat(ramp, bar_h, 0)), (x0, pad))
+  y_text = pad + bar_h + pad // 2
+  draw.text((x0, y_text), f"{scale.lo:.3g}", fill=CAPTION, font=font)
+  hi = f"{scale.hi:.3g}"
+  draw.text((x1 - draw.textlength(hi, font=font), y_text), hi, fill=CAPTION, font=font)
+  if threshold is not None and scale.lo <= threshold <= scale.hi:
+    xt = x0 + round(float(scale.unit(np.float32(threshold))) * (x1 - x0 - 1))
+    draw.rectangle((xt - 1, pad - 2, xt + 1, pad + bar_h + 2), fill=CONTOUR)
+  keys = [(CONTOUR, f"map >= {threshold:.3g}: defect" if threshold is not None else None),
+          (GROUND_TRUTH, "ground truth" if ground_truth else None)]
+  x, y = x0, h - pad - size
+  for rgb, text in keys:
+    if text is None:
+      continue
+    draw.rectangle((x, y + size // 3, x + size, y + size // 3 + max(2, size // 6)), fill=rgb)
+    draw.text((x + size + pad // 2, y), text, fill=CAPTION, font=font)
+    x += size + pad + round(draw.textlength(text, font=font)) + 2 * pad
   return np.asarray(img)
 
 
@@ -123,14 +203,20 @@ def read_original(image_path: str) -> np.ndarray:
 
 def save_overlay(path: str, rgb: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale,
                  threshold: Optional[float] = None, score: Optional[float] = None,
-                 ground_truth: Optional[np.ndarray] = None, max_side: Optional[int] = None) -> None:
+                 ground_truth: Optional[np.ndarray] = None, max_side: Optional[int] = None,
+                 legend: bool = False) -> None:
   """Write the overlay of an image (`read_original`'s array) as PNG at its own size (or shrunk to
-  max_side)."""
-  out = render(rgb, anomaly_map, scale, threshold, score, ground_truth)
-  img = Image.fromarray(out)
-  if max_side and max(img.size) > max_side:
-    img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-  save_png(path, img)
+  max_side), with the legend strip under it if asked."""
+  h, w = rgb.shape[:2]
+  if max_side and max(h, w) > max_side:     # shrink first, so the lines and text keep their size
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+    if ground_truth is not None:
+      ground_truth = np.asarray(Image.fromarray(ground_truth.astype(np.uint8) * 255).resize(
+          size, Image.Resampling.NEAREST)) > 0
+  save_png(path, Image.fromarray(render(rgb, anomaly_map, scale, threshold, score, ground_truth,
+                                        legend)))
 
 
 def save_mask(path: str, anomaly_map: np.ndarray, threshold: float, hw: Tuple[int, int]) -> None:

@@ -29,7 +29,7 @@ from absl import flags
 from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
-from fiseclip_jax.cli.progress import Progress
+from fiseclip_jax.cli.progress import COMPILING, Progress
 from fiseclip_jax.outputs.page import plural
 from fiseclip_jax.data.order import draw, shuffled
 from fiseclip_jax.data.tables import DATASETS, Dataset
@@ -39,7 +39,6 @@ from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
 FLAGS = flags.FLAGS
-COMPILING = "compiling the model (the first batch only)"
 
 
 def define_flags(dataset: Optional[str] = None) -> None:

@@ -12,9 +12,10 @@ production line).
 Written as it goes: scores.log.csv gets each batch's rows, flushed to disk, so a kill loses at
 most one batch and --resume continues where it stopped (every image scored once, the same scores
 as an uninterrupted run; an image changed since it was scored is scored again). At the end:
-scores.csv (sorted by path), skipped.csv, run.json, and each image's overlay and map as
+scores.csv (sorted by path), skipped.csv, run.json, each image's overlay and map as
 maps/<its path relative to --images>.png and .npy (maps/a/cut_000.png.png for a/cut_000.png;
---nosave_maps: none). Only one run at a time may use an --out.
+--nosave_maps: none), and report.html, the review page (--noreport: none). Only one run at a time
+may use an --out.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from absl import flags
 from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
-from fiseclip_jax.cli.progress import Progress
+from fiseclip_jax.cli.progress import COMPILING, Progress
 from fiseclip_jax.data.order import draw
 from fiseclip_jax.outputs import metrics, overlays
 from fiseclip_jax.outputs.batch_log import BatchLog
 from fiseclip_jax.outputs.files import write_csv, write_json
+from fiseclip_jax.outputs.folder_report import write_folder_report
 from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
@@ -68,6 +70,8 @@ def define_flags() -> None:
                      "flagged (the pixel threshold of the masks).")
   flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
                       "'threshold' (0 to 2x the pixel threshold).")
+  flags.DEFINE_bool("report", True, "Write report.html: the review page (parts by score with "
+                    "their decision, original and overlay; the scores' histogram).")
   options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
   for name in ("threshold", "pixel_threshold"):
     options.check(name, options.finite, "a finite number")
@@ -215,6 +219,9 @@ def run() -> None:
   _score(setup, conf, samples, done, decision)
   before = sum(r["status"] == "scored" for batch in done for r in batch)
   _finish(ident, ignored, unreadable, time.time() - t0, decision, before)
+  if FLAGS.report:
+    print("writing the review page", flush=True)
+    print(f"review page: {write_folder_report(FLAGS.out, FLAGS.images)}")
 
 
 class Setup(NamedTuple):
@@ -319,7 +326,8 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
   else:
     keep = [i for i, s in enumerate(samples) if _rel(s.path) not in consumed]
     todo, indices = [samples[i] for i in keep], keep
-  progress = Progress(len(samples), "images", enabled=FLAGS.progress)
+  progress = Progress(len(samples), "images", enabled=FLAGS.progress,
+                      waiting=COMPILING)
   base = n_done if not rolling else 0
   _run_scoring(setup, conf, todo, pool=samples, indices=indices, on_batch=on_batch,
                on_skip=on_skip_row,

@@ -6,6 +6,9 @@ import time
 from typing import Optional, TextIO
 
 
+COMPILING = "compiling the model (the first batch only)"   # what a first batch waits on
+
+
 class Progress:
   """update(done) with the images done so far; close() once.
 

@@ -41,7 +41,7 @@ def test_the_review_page_of_a_folder_run(tmp_path):
   t = (scores[1] + scores[2]) / 2
   p = subprocess.run([sys.executable, "-m", "eval.folder", f"--images={images}", "--recursive",
                       f"--out={out}", "--overwrite", f"--threshold={t}", "--pixel_threshold=0.3",
-                      *FAST], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                      "--overlay_legend", *FAST], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.count("review page:") == 1 and p.stdout.rstrip().endswith("report.html")
   page = (out / "report.html").read_text(encoding="utf-8")
@@ -66,6 +66,11 @@ def test_the_review_page_of_a_folder_run(tmp_path):
   assert sum('badge ng' in c for c in cards) == ng and sum('badge ok' in c for c in cards) == 2
   assert 'id="histogram"' in page and 'class="threshold"' in page and 'class="colourbar"' in page
   assert "RANDOM WEIGHTS" in page
+  # --overlay_legend: each full-size overlay carries the key under the image, at the image's width.
+  from PIL import Image
+  for rel in rows:
+    with Image.open(images / rel) as a, Image.open(out / "maps" / (rel + ".png")) as b:
+      assert b.width == a.width and b.height > a.height, rel
 
 
 def _fake_run(out, decision, scores, known_good=None, max_fpr=None):

@@ -34,7 +34,7 @@ from fiseclip_jax.outputs.page import plural
 from fiseclip_jax.data.order import draw, shuffled
 from fiseclip_jax.data.tables import DATASETS, Dataset
 from fiseclip_jax.outputs import category as category_outputs
-from fiseclip_jax.outputs import overlays, results
+from fiseclip_jax.outputs import results
 from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
@@ -52,12 +52,10 @@ def define_flags(dataset: Optional[str] = None) -> None:
   flags.DEFINE_string("class_name", None, "One object name in every category's prompts (default: "
                       "the category's name; BTAD: 'product').")
   flags.DEFINE_bool("save_maps", False, "Write every image's overlay (PNG at its own size) to maps/.")
-  flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
-                      "'threshold' (0 to 2x the pixel threshold, the threshold mid-scale).")
+  options.define_overlay_flags()
   flags.DEFINE_float("report_fpr", 0.05, "The image false-positive rate whose threshold on normal "
                      "images results.json records beside the F1-max thresholds.")
   flags.DEFINE_bool("report", True, "Write report.html, rebuilt after every category.")
-  options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
   options.check("report_fpr", options.fraction, "a share in [0, 1)")
   options.check("class_name", lambda v: bool(v.strip()), "a non-empty object name")
 
@@ -169,7 +167,7 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
             "devices": {"platform": devices[0].platform, "per_process": len(devices),
                         "processes": e.jax.process_count()}}
   where = category_outputs.CategoryOutputs(FLAGS.out, FLAGS.data_root, FLAGS.map_range,
-                                           FLAGS.report_fpr, FLAGS.save_maps)
+                                           FLAGS.report_fpr, FLAGS.save_maps, FLAGS.overlay_legend)
   report_warned, compiled = False, False
   for cat, p in plans.items():
     if cat in done:

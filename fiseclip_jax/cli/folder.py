@@ -68,11 +68,9 @@ def define_flags() -> None:
   flags.DEFINE_float("pixel_threshold", None, "Pixel decision: masks/<image>.png flags map >= this.")
   flags.DEFINE_float("max_pixel_fpr", 0.001, "With --threshold_from: the share of known-good pixels "
                      "flagged (the pixel threshold of the masks).")
-  flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
-                      "'threshold' (0 to 2x the pixel threshold).")
+  options.define_overlay_flags()
   flags.DEFINE_bool("report", True, "Write report.html: the review page (parts by score with "
                     "their decision, original and overlay; the scores' histogram).")
-  options.check("map_range", overlays.ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
   for name in ("threshold", "pixel_threshold"):
     options.check(name, options.finite, "a finite number")
   for name in ("max_fpr", "max_pixel_fpr"):
@@ -203,7 +201,7 @@ def run() -> None:
            "threshold_from": os.path.abspath(FLAGS.threshold_from) if FLAGS.threshold_from else None,
            "max_fpr": FLAGS.max_fpr if FLAGS.threshold_from else None,
            "max_pixel_fpr": FLAGS.max_pixel_fpr if FLAGS.threshold_from else None,
-           "map_range": FLAGS.map_range}
+           "map_range": FLAGS.map_range, "overlay_legend": FLAGS.overlay_legend}
   done = _prepare_out(ident)
   print(f"{len(samples)} image(s) in {FLAGS.images}" + (" and its sub-folders" if FLAGS.recursive else "")
         + (f"; {len(ignored)} other file(s) ignored" if ignored else "")
@@ -279,7 +277,8 @@ def _write_maps(s, anomaly_map, score, decision) -> None:
   t_px = decision["pixel_threshold"]
   scale = overlays.ColourScale.for_run(FLAGS.map_range, t_px)
   base = os.path.join(FLAGS.out, "maps", _rel(s.path))
-  overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score))
+  overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score),
+                        legend=FLAGS.overlay_legend)
   overlays.save_map(base + ".npy", anomaly_map, hw)
   if t_px is not None:
     overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)

@@ -15,6 +15,7 @@ from absl import flags
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.core.config import REFERENCE_MODES, ConfigError, FiSeConfig
 from fiseclip_jax.models.clip.config import VARIANTS
+from fiseclip_jax.outputs.overlays import ColourScale
 
 FLAGS = flags.FLAGS
 STREAM = "rolling"            # --references rolling: a stream (FiSeConfig.stream_window > 0)
@@ -160,6 +161,15 @@ def fraction(x) -> bool:
 
 def non_empty_names(values) -> bool:
   return bool(values) and all(v.strip() for v in values)
+
+
+def define_overlay_flags() -> None:
+  """The overlays' flags, the same in every program that draws them."""
+  flags.DEFINE_string("map_range", "0,1", "Colour scale of every overlay of the run: 'LO,HI', or "
+                      "'threshold' (0 to 2x the pixel threshold, the threshold mid-scale).")
+  flags.DEFINE_bool("overlay_legend", False, "Draw the colour bar and the key of the contour (and "
+                    "ground truth) under each full-size overlay.")
+  check("map_range", ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
 
 
 def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = True) -> None:

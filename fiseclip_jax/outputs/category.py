@@ -25,6 +25,7 @@ class CategoryOutputs(NamedTuple):
   map_range: str = "0,1"    # the overlays' colour scale ('LO,HI' or 'threshold')
   report_fpr: float = 0.05  # the image FPR whose threshold results.json records
   save_maps: bool = False   # every image's overlay, not only the report's examples
+  overlay_legend: bool = False   # the legend strip under each full-size overlay
 
 
 def category_result(cat: str, scored, p, seconds: float, report_fpr: float) -> dict:
@@ -81,7 +82,8 @@ def write_category(where: CategoryOutputs, cat: str, result: dict, scored, sampl
     s = samples_of[j]
     rgb = overlays.read_original(s.path)
     overlays.save_overlay(path, rgb, scored.maps[j], scale, t_px, float(scored.scores[j]),
-                          overlays.ground_truth_mask(s.mask_path, rgb.shape[:2]), max_side)
+                          overlays.ground_truth_mask(s.mask_path, rgb.shape[:2]), max_side,
+                          legend=where.overlay_legend and not max_side)
 
   result["by_defect"] = metrics.by_defect([s.defect for s in samples_of], scored.labels,
                                           scored.scores, result["thresholds"].get("image_f1_max"))

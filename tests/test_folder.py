@@ -175,3 +175,48 @@ def test_decisions_and_maps_at_the_images_size(good, tmp_path):
   run(f"--images={d}", f"--out={out2}", "--threshold=0", "--batch_size=3")
   assert {r["pred_label"] for r in rows(out2)} == {"1"}
   assert json.loads((out2 / "run.json").read_text())["decision"]["how"] == "given"
+
+
+def _contour_pixels(overlay, reference):
+  """Pixels of the contour colour in an overlay that the same overlay drawn without a threshold
+  lacks (the caption is white too, so colour alone is not enough)."""
+  import numpy as np
+  from fiseclip_jax.outputs import overlays
+  c = np.array(overlays.CONTOUR, np.uint8)
+  return int(((overlay == c).all(-1) & ~(reference == c).all(-1)).sum())
+
+
+def test_one_decision_per_part(good, tmp_path):
+  """A part the image threshold passes (pred_label 0) gets no defect contour and an all-zero mask:
+  the pixel threshold applies only inside the parts the image threshold flags. Without an image
+  threshold the pixel rule alone applies."""
+  import numpy as np
+  from PIL import Image
+  from fiseclip_jax.outputs import overlays
+  px = tmp_path / "pixel_only"
+  run(f"--images={good}", f"--out={px}", "--pixel_threshold=0", "--batch_size=4")
+  scores = sorted(float(r["score"]) for r in rows(px))
+  for r in rows(px):                                # map >= 0 everywhere: every mask flags pixels
+    assert np.asarray(Image.open(px / "masks" / (r["path"] + ".png"))).any()
+  t = (scores[1] + scores[2]) / 2                   # two parts pass, two are flagged
+  out = tmp_path / "both"
+  run(f"--images={good}", f"--out={out}", f"--threshold={t!r}", "--pixel_threshold=0",
+      "--batch_size=4")
+  labels = {r["path"]: r["pred_label"] for r in rows(out)}
+  assert sorted(labels.values()) == ["0", "0", "1", "1"]
+  for r in rows(out):
+    name = r["path"] + ".png"
+    mask = np.asarray(Image.open(out / "masks" / name))
+    overlay = np.asarray(Image.open(out / "maps" / name).convert("RGB"))
+    rgb = overlays.read_original(good / r["path"])
+    amap = np.load(out / "maps" / (r["path"] + ".npy")).astype(np.float32)
+    scale = overlays.ColourScale.for_run("0,1", 0.0)
+    plain = overlays.render(rgb, amap, scale, None, float(r["score"]))
+    drawn = overlays.render(rgb, amap, scale, 0.0, float(r["score"]))
+    assert _contour_pixels(drawn, plain) > 0         # the pixel rule would draw a contour here
+    if r["pred_label"] == "0":
+      assert not mask.any(), name
+      assert _contour_pixels(overlay, plain) == 0, name
+    else:
+      assert (mask == np.asarray(Image.open(px / "masks" / name))).all(), name
+      assert _contour_pixels(overlay, plain) > 0, name

@@ -30,7 +30,7 @@ from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import Progress
 from fiseclip_jax.data.order import draw
-from fiseclip_jax.outputs import metrics, overlays
+from fiseclip_jax.outputs import decisions, metrics, overlays
 from fiseclip_jax.outputs.batch_log import BatchLog
 from fiseclip_jax.outputs.files import write_csv, write_json
 from fiseclip_jax.outputs.provenance import versions
@@ -265,16 +265,16 @@ def _decision(setup: Setup, conf, good_samples) -> dict:
           "known_good": {"n": len(scored.scores), "image": image, "pixel": pixel}}
 
 
-def _write_maps(s, anomaly_map, score, decision) -> None:
-  rgb = overlays.read_original(s.path)
-  hw = rgb.shape[:2]
+def _write_maps(s, anomaly_map, score: float, decision) -> None:
+  """A part's overlay, map and mask; one decision per part (`decisions.part_pixel_threshold`)."""
   t_px = decision["pixel_threshold"]
-  scale = overlays.ColourScale.for_run(FLAGS.map_range, t_px)
   base = os.path.join(FLAGS.out, "maps", _rel(s.path))
-  overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score))
-  overlays.save_map(base + ".npy", anomaly_map, hw)
-  if t_px is not None:
-    overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)
+  rgb = overlays.read_original(s.path)
+  overlays.save_map(base + ".npy", anomaly_map, rgb.shape[:2])
+  part_t = decisions.part_pixel_threshold(score, decision["image_threshold"], t_px)
+  mask = None if t_px is None else os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png")
+  decisions.write_part(base + ".png", mask, rgb, anomaly_map,
+                       overlays.ColourScale.for_run(FLAGS.map_range, t_px), score, part_t)
 
 
 def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) -> None:
@@ -308,7 +308,7 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
       rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""]
                   + file_stamp(s.path))
       if FLAGS.save_maps or decision["pixel_threshold"] is not None:
-        _write_maps(s, m, score, decision)
+        _write_maps(s, m, float(rows[-1][2]), decision)      # the logged score decides
     if rows:
       log.append(state["batch"], rows)
       state["batch"] += 1

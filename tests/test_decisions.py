@@ -42,7 +42,8 @@ def test_auto_threshold_is_the_rule():
   even = stats.norm.ppf((np.arange(40) + 0.5) / 40)
   fit = decisions.auto_threshold(even, 0.1)
   assert fit.contamination == 0 and fit.location == np.median(even)
-  assert fit.scale == pytest.approx((np.median(even) - np.percentile(even, 25)) / stats.norm.ppf(0.75))
+  quartile_gap = np.median(even) - np.percentile(even, 25)
+  assert fit.scale == pytest.approx(quartile_gap / stats.norm.ppf(0.75))
 
 
 def test_auto_threshold_ignores_the_upper_half():

@@ -19,7 +19,7 @@ from PIL import Image
 from fiseclip_jax.outputs import metrics, overlays
 
 AUTO = "auto"
-MIN_AUTO_IMAGES = 20        # fewer scores cannot support a median and a lower quartile
+MIN_AUTO_IMAGES = 20       # below, the quartile rests on too few scores (5 of 20)
 OUTLIER_Z = 3.0            # a score above location + 3 x scale counts as a defective part
 MAX_CONTAMINATION = 0.4    # the share of defective parts the fit corrects for, at most
 NORMAL = NormalDist()
@@ -27,7 +27,8 @@ AUTO_RULE = ("auto: the good parts' scores fitted as a normal from the run's 25t
              "percentiles (the lower half only), corrected for the share of parts above location "
              "+ 3 x scale (taken as defective); threshold = location + z(1 - max_fpr) x scale; "
              "assumes most parts are good and their scores roughly normal")
-NORMALIZED_RULE = "score / (score + t), t the image threshold: 0 -> 0, t -> 0.5, increasing to 1"
+NORMALIZED_RULE = ("score / (score + t), t the image threshold: 0 -> 0, t -> 0.5, strictly "
+                   "increasing towards 1")
 
 
 class FitError(ValueError):
@@ -48,7 +49,7 @@ def parse_threshold(text) -> Union[float, str, None]:
 
 
 def auto_max_fpr_ok(max_fpr: float) -> bool:
-  """0 < max_fpr < 0.5: z(1 - max_fpr) finite and the threshold above the median."""
+  """0 < max_fpr < 0.5: z(1 - max_fpr) finite and positive (the threshold above the location)."""
   return math.isfinite(max_fpr) and 0.0 < max_fpr < 0.5
 
 

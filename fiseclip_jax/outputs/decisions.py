@@ -20,13 +20,10 @@ from fiseclip_jax.outputs import metrics, overlays
 
 AUTO = "auto"
 MIN_AUTO_IMAGES = 20       # below, the quartile rests on too few scores (5 of 20)
-OUTLIER_Z = 3.0            # a score above location + 3 x scale counts as a defective part
-MAX_CONTAMINATION = 0.4    # the share of defective parts the fit corrects for, at most
 NORMAL = NormalDist()
-AUTO_RULE = ("auto: the good parts' scores fitted as a normal from the run's 25th and 50th "
-             "percentiles (the lower half only), corrected for the share of parts above location "
-             "+ 3 x scale (taken as defective); threshold = location + z(1 - max_fpr) x scale; "
-             "assumes most parts are good and their scores roughly normal")
+AUTO_RULE = ("auto: the good parts' scores fitted as a normal from the run's 25th percentile Q1 "
+             "and median m (the lower half only): threshold = m + z(1 - max_fpr) x (m - Q1) / "
+             "0.6745; assumes most parts are good and their scores roughly normal")
 NORMALIZED_RULE = ("score / (score + t), t the image threshold: 0 -> 0, t -> 0.5, strictly "
                    "increasing towards 1")
 
@@ -57,37 +54,23 @@ class AutoFit(NamedTuple):
   """The fit behind `--threshold auto` (for run.json): the threshold and the numbers behind it."""
   threshold: float
   n: int
-  median: float
+  median: float          # the good parts' location
   q25: float
-  location: float        # the good parts' mean (= median when contamination is 0)
-  scale: float           # the good parts' standard deviation
-  contamination: float   # the share of parts taken as defective
+  scale: float           # the good parts' standard deviation, (median - q25) / z(0.75)
   z: float               # z(1 - max_fpr)
   max_fpr: float
 
 
-def _normal_from_lower_half(q25: float, median: float, contamination: float):
-  """(location, scale) of the good parts from the sample's quartile and median when a share
-  `contamination` of the sample lies above every good part: the sample's p-quantile is then the
-  good parts' p / (1 - contamination)-quantile."""
-  z1 = NORMAL.inv_cdf(0.25 / (1.0 - contamination))
-  z2 = NORMAL.inv_cdf(0.5 / (1.0 - contamination))
-  scale = (median - q25) / (z2 - z1)
-  return median - z2 * scale, scale
-
-
-def auto_threshold(scores, max_fpr: float, rounds: int = 20) -> AutoFit:
+def auto_threshold(scores, max_fpr: float) -> AutoFit:
   """The image threshold of a run without known-good images, from its own scores (N,).
 
   The good parts' scores are taken as normal and fitted from the lower half of the sample only:
-  scale = (median - Q1) / 0.6745, location = median (Q1 the 25th percentile, numpy's linear
-  interpolation). The defective parts, above the good ones, lift the median and Q1 (to the good
-  parts' 0.5 / (1 - c) and 0.25 / (1 - c) quantiles for a share c of defective parts), which would
-  put the threshold too high; so c is estimated as the share of scores above location + 3 x scale
-  (less the normal's own 0.13%, capped at 0.4) and the fit redone with the corrected quantiles,
-  until c stops changing. threshold = location + z(1 - max_fpr) x scale.
-  How far above the defective scores lie never matters, only how many there are: up to ~40% of
-  the parts may be defective. Right-skewed good scores are flagged more often than max_fpr.
+  location = the median m, scale = (m - Q1) / z(0.75) = (m - Q1) / 0.6745 (Q1 the 25th
+  percentile, numpy's linear interpolation); threshold = m + z(1 - max_fpr) x scale. The
+  defective parts lie above the good ones, so their values never enter, only their number: a
+  share c of them lifts m and Q1 a little (to the good parts' 0.5 / (1 - c) and 0.25 / (1 - c)
+  quantiles), which errs towards flagging fewer good parts than max_fpr. Good scores skewed to the
+  right (a long upper tail) are flagged more often than max_fpr.
   FitError: fewer than MIN_AUTO_IMAGES scores, or a scale that is 0 or not finite.
   """
   x = np.asarray(scores, np.float64).ravel()                 # (N,)
@@ -102,18 +85,9 @@ def auto_threshold(scores, max_fpr: float, rounds: int = 20) -> AutoFit:
   if not (math.isfinite(median - q25) and median > q25):
     raise FitError(f"the lower half of the {x.size} scores has no spread (median {median:.6g} = "
                    f"25th percentile): no scale to set a threshold from")
-  c = 0.0
-  for _ in range(rounds):
-    location, scale = _normal_from_lower_half(q25, median, c)
-    above = float(np.mean(x > location + OUTLIER_Z * scale)) - (1.0 - NORMAL.cdf(OUTLIER_Z))
-    new = min(max(above, 0.0), MAX_CONTAMINATION)
-    if new == c:
-      break
-    c = new
-  location, scale = _normal_from_lower_half(q25, median, c)
+  scale = (median - q25) / NORMAL.inv_cdf(0.75)
   z = NORMAL.inv_cdf(1.0 - max_fpr)
-  return AutoFit(location + z * scale, int(x.size), median, q25, location, scale, c, z,
-                 float(max_fpr))
+  return AutoFit(median + z * scale, int(x.size), median, q25, scale, z, float(max_fpr))
 
 
 def auto_pending(pixel_threshold: Optional[float]) -> dict:
@@ -150,10 +124,9 @@ def known_good(scores, maps, max_fpr: float, max_pixel_fpr: float, how: str,
 
 def describe_auto(fit: dict) -> str:
   """The line a run prints for its automatic threshold (an `AutoFit` as a dict)."""
-  return (f"threshold auto from {fit['n']} scores: location {fit['location']:.6f} + z "
+  return (f"threshold auto from {fit['n']} scores: median {fit['median']:.6f} + z "
           f"{fit['z']:.3f} x scale {fit['scale']:.6f} = {fit['threshold']:.6f} (--max_fpr "
-          f"{fit['max_fpr']:g}; {100 * fit['contamination']:.0f}% of the parts taken as "
-          "defective, the rest assumed good)")
+          f"{fit['max_fpr']:g}; most parts assumed good)")
 
 
 def resolvable_fpr(n: int) -> float:

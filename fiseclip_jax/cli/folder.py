@@ -16,6 +16,12 @@ scores.csv (sorted by path), skipped.csv, run.json, each image's overlay and map
 maps/<its path relative to --images>.png and .npy (maps/a/cut_000.png.png for a/cut_000.png;
 --nosave_maps: none), and report.html, the review page (--noreport: none). Only one run at a time
 may use an --out.
+
+Decisions (docs/DESIGN.md §13): --threshold T, or --threshold auto [--max_fpr F] (from the run's
+own scores, assuming most parts are good), or --threshold_from GOOD_DIR (its scores
+in known_good.csv) give scores.csv a pred_label column; --pixel_threshold (or --threshold_from)
+writes masks/<image>.png. A part the image threshold passes gets no contour and an all-zero mask.
+--normalized_scores adds score_normalized = score / (score + t): the threshold t at 0.5.
 """
 from __future__ import annotations
 
@@ -30,8 +36,9 @@ from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import COMPILING, Progress
+from fiseclip_jax.core.errors import BadInputError
 from fiseclip_jax.data.order import draw
-from fiseclip_jax.outputs import metrics, overlays
+from fiseclip_jax.outputs import decisions, overlays
 from fiseclip_jax.outputs.batch_log import BatchLog
 from fiseclip_jax.outputs.files import write_csv, write_json
 from fiseclip_jax.outputs.folder_report import write_folder_report
@@ -43,6 +50,7 @@ FLAGS = flags.FLAGS
 LOG_COLUMNS = ("path", "status", "score", "n_ref", "seclip_only", "note", "size", "mtime_ns")
 RUN_JSON = "run.json"
 LOG = "scores.log.csv"
+KNOWN_GOOD = "known_good.csv"     # --threshold_from: the known-good images' scores (path, score)
 
 
 def define_flags() -> None:
@@ -60,19 +68,30 @@ def define_flags() -> None:
                     "references only, so every image has B - 1.")
   flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map), at the "
                     "image's own size.")
-  flags.DEFINE_float("threshold", None, "Image decision: pred_label 1 iff score >= this.")
+  flags.DEFINE_string("threshold", None, "Image decision: pred_label 1 iff score >= this. A "
+                      "number, or 'auto': set after scoring from the run's own scores, assuming "
+                      "most parts are good: a normal fitted to their 25th and 50th percentiles "
+                      "(corrected for the share of outlying parts), cut at its (1 - --max_fpr) "
+                      f"point (docs/DESIGN.md §13); needs >= {decisions.MIN_AUTO_IMAGES} images; "
+                      "no pixel threshold unless --pixel_threshold.")
   flags.DEFINE_string("threshold_from", None, "Folder of known-good images: scored like the run "
                       "(same references), the thresholds are set so that --max_fpr of them (and "
                       "--max_pixel_fpr of their pixels) are flagged.")
-  flags.DEFINE_float("max_fpr", 0.01, "With --threshold_from: the share of known-good images flagged.")
+  flags.DEFINE_float("max_fpr", 0.01, "With --threshold_from: the share of known-good images "
+                     "flagged (n of them resolve no less than 1/n); with --threshold auto: the share "
+                     "of good parts the fit flags, in (0, 0.5).")
   flags.DEFINE_float("pixel_threshold", None, "Pixel decision: masks/<image>.png flags map >= this.")
   flags.DEFINE_float("max_pixel_fpr", 0.001, "With --threshold_from: the share of known-good pixels "
                      "flagged (the pixel threshold of the masks).")
+  flags.DEFINE_bool("normalized_scores", False, "Add scores.csv column score_normalized = "
+                    "score / (score + t), t the image threshold (needs one; t > 0): the threshold "
+                    "maps to 0.5, pred_label 1 iff score_normalized >= 0.5.")
   options.define_overlay_flags()
   flags.DEFINE_bool("report", True, "Write report.html: the review page (parts by score with "
                     "their decision, original and overlay; the scores' histogram).")
-  for name in ("threshold", "pixel_threshold"):
-    options.check(name, options.finite, "a finite number")
+  options.check("threshold", lambda v: decisions.parse_threshold(v) is not None,
+                "a finite number or 'auto'")
+  options.check("pixel_threshold", options.finite, "a finite number")
   for name in ("max_fpr", "max_pixel_fpr"):
     options.check(name, options.fraction, "a share in [0, 1)")
   options.check("stream_window", options.at_least(0), ">= 0")
@@ -98,6 +117,7 @@ def _check_flags() -> bool:
     raise UsageError("--k_shot draws from --normal_images: pass the folder of known-good images")
   if FLAGS.threshold is not None and FLAGS.threshold_from:
     raise UsageError("--threshold and --threshold_from exclude each other")
+  _check_decision_flags()
   if FLAGS.pixel_threshold is not None and FLAGS.threshold_from:
     raise UsageError("--pixel_threshold and --threshold_from exclude each other")
   if FLAGS.map_range == "threshold" and FLAGS.pixel_threshold is None and not FLAGS.threshold_from:
@@ -110,6 +130,32 @@ def _check_flags() -> bool:
   has_bank = bool(FLAGS.normal_images)
   options.check_run_flags(has_bank, FLAGS.references)
   return has_bank
+
+
+def _threshold():
+  """--threshold parsed: a float, decisions.AUTO or None."""
+  return decisions.parse_threshold(FLAGS.threshold)
+
+
+def _check_decision_flags() -> None:
+  """--threshold auto and --normalized_scores with what they need."""
+  t = _threshold()
+  if t == decisions.AUTO and not decisions.auto_max_fpr_ok(FLAGS.max_fpr):
+    raise UsageError(f"--threshold auto sets the threshold at the z(1 - --max_fpr) point: expected "
+                     f"0 < --max_fpr < 0.5, got {FLAGS.max_fpr}")
+  if FLAGS.normalized_scores and t is None and not FLAGS.threshold_from:
+    raise UsageError("--normalized_scores maps the image threshold to 0.5: pass --threshold "
+                     "(a number or auto) or --threshold_from")
+  if FLAGS.normalized_scores and t not in (None, decisions.AUTO) and not t > 0:
+    raise UsageError(f"--normalized_scores is score / (score + t): expected a positive "
+                     f"--threshold, got {t}")
+
+
+def _check_auto_count(n: int) -> None:
+  if _threshold() == decisions.AUTO and n < decisions.MIN_AUTO_IMAGES:
+    raise UsageError(f"--threshold auto fits the threshold to the run's own scores: it needs at "
+                     f"least {decisions.MIN_AUTO_IMAGES} images, {FLAGS.images} has {n}; pass "
+                     "--threshold or --threshold_from")
 
 
 def _known_good(folder: str, min_side: int, k_shot: int = 0):
@@ -186,6 +232,7 @@ def run() -> None:
   for path, err in unreadable.items():
     sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
   samples = [s for s in samples if s.path not in unreadable]
+  _check_auto_count(len(samples))
   bank_samples = _known_good(FLAGS.normal_images, min_side, FLAGS.k_shot) if has_bank else []
   good_samples = _known_good(FLAGS.threshold_from, min_side) if FLAGS.threshold_from else []
   _check_apart(samples, "--images", bank_samples, "--normal_images")
@@ -197,9 +244,11 @@ def run() -> None:
            "batch_size": FLAGS.batch_size, "top_up": FLAGS.top_up,
            "seed": FLAGS.seed if FLAGS.k_shot else None,
            "bank": [os.path.abspath(s.path) for s in bank_samples],
-           "threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
+           "threshold": _threshold(), "pixel_threshold": FLAGS.pixel_threshold,
            "threshold_from": os.path.abspath(FLAGS.threshold_from) if FLAGS.threshold_from else None,
-           "max_fpr": FLAGS.max_fpr if FLAGS.threshold_from else None,
+           "max_fpr": FLAGS.max_fpr if FLAGS.threshold_from or _threshold() == decisions.AUTO
+           else None,
+           "normalized_scores": FLAGS.normalized_scores,
            "max_pixel_fpr": FLAGS.max_pixel_fpr if FLAGS.threshold_from else None,
            "map_range": FLAGS.map_range, "overlay_legend": FLAGS.overlay_legend}
   done = _prepare_out(ident)
@@ -253,35 +302,59 @@ def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_bat
 
 
 def _decision(setup: Setup, conf, good_samples) -> dict:
-  """The thresholds of the run and how they were chosen (written to run.json)."""
+  """The thresholds of the run and how they were chosen (written to run.json); under --threshold
+  auto the image threshold is pending until `decisions.settle` fits it after scoring."""
+  t, t_px = _threshold(), FLAGS.pixel_threshold
+  if t == decisions.AUTO:
+    return decisions.auto_pending(t_px)
   if not good_samples:
-    return {"image_threshold": FLAGS.threshold, "pixel_threshold": FLAGS.pixel_threshold,
-            "how": "given" if FLAGS.threshold is not None or FLAGS.pixel_threshold is not None
-            else "none: scores only"}
+    return {"image_threshold": t, "pixel_threshold": t_px,
+            "how": "given" if t is not None or t_px is not None else "none: scores only"}
   scored = _run_scoring(setup, conf, good_samples, keep_maps=True)
-  image = metrics.threshold_at_fpr(scored.scores, FLAGS.max_fpr)
-  pixel = metrics.threshold_at_fpr(scored.maps, FLAGS.max_pixel_fpr)
-  print(f"thresholds from {len(scored.scores)} known-good image(s) in {FLAGS.threshold_from}: "
+  paths = [os.path.abspath(good_samples[i].path) for i in scored.index]
+  write_csv(os.path.join(FLAGS.out, KNOWN_GOOD), [["path", "score"]] + sorted(
+      [p, f"{float(x):.8f}"] for p, x in zip(paths, scored.scores)))
+  warning = decisions.unresolvable_warning(len(paths), FLAGS.max_fpr)
+  if warning:
+    sys.stderr.write(f"warning: {warning}\n")
+  d = decisions.known_good(scored.scores, scored.maps, FLAGS.max_fpr, FLAGS.max_pixel_fpr,
+                           f"known-good images of {os.path.abspath(FLAGS.threshold_from)} scored "
+                           f"with references {conf.references}", KNOWN_GOOD)
+  image = d["known_good"]["image"]
+  print(f"thresholds from {len(paths)} known-good image(s) in {FLAGS.threshold_from}: "
         f"image {image['threshold']:.6f} (flags {100 * image['fpr']:.1f}% of them, asked "
-        f"{100 * FLAGS.max_fpr:.1f}%), pixel {pixel['threshold']:.6f}")
-  return {"image_threshold": image["threshold"], "pixel_threshold": pixel["threshold"],
-          "how": f"known-good images of {os.path.abspath(FLAGS.threshold_from)} scored with "
-                 f"references {conf.references}: the (1 - max_fpr) quantile of their scores "
-                 "(image) and of their map values (pixel)",
-          "known_good": {"n": len(scored.scores), "image": image, "pixel": pixel}}
+        f"{100 * FLAGS.max_fpr:.1f}%), pixel {d['pixel_threshold']:.6f}")
+  return d
 
 
-def _write_maps(s, anomaly_map, score, decision) -> None:
+def _write_maps(s, anomaly_map, score: float, decision) -> None:
+  """A part's overlay, map and mask. Under --threshold auto with a pixel threshold only the map:
+  the overlay and mask wait for the image threshold (`_draw_decided`)."""
+  t_px = decision["pixel_threshold"]
+  base = os.path.join(FLAGS.out, "maps", _rel(s.path))
   rgb = overlays.read_original(s.path)
-  hw = rgb.shape[:2]
+  overlays.save_map(base + ".npy", anomaly_map, rgb.shape[:2])
+  if decision.get("pending") and t_px is not None:
+    return
+  part_t = decisions.part_pixel_threshold(score, decision["image_threshold"], t_px)
+  mask = None if t_px is None else os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png")
+  decisions.write_part(base + ".png", mask, rgb, anomaly_map,
+                       overlays.ColourScale.for_run(FLAGS.map_range, t_px), score, part_t,
+                       legend=FLAGS.overlay_legend)
+
+
+def _draw_decided(scored: List[dict], decision: dict) -> None:
+  """--threshold auto with a pixel threshold: every overlay and mask, from maps/*.npy, now that
+  the image threshold is known (all of them: a resumed run's threshold may have moved)."""
   t_px = decision["pixel_threshold"]
   scale = overlays.ColourScale.for_run(FLAGS.map_range, t_px)
-  base = os.path.join(FLAGS.out, "maps", _rel(s.path))
-  overlays.save_overlay(base + ".png", rgb, anomaly_map, scale, t_px, float(score),
-                        legend=FLAGS.overlay_legend)
-  overlays.save_map(base + ".npy", anomaly_map, hw)
-  if t_px is not None:
-    overlays.save_mask(os.path.join(FLAGS.out, "masks", _rel(s.path) + ".png"), anomaly_map, t_px, hw)
+  for r in scored:
+    score, base = float(r["score"]), os.path.join(FLAGS.out, "maps", r["path"])
+    rgb = overlays.read_original(os.path.join(FLAGS.images, r["path"]))
+    decisions.write_part(base + ".png", os.path.join(FLAGS.out, "masks", r["path"] + ".png"), rgb,
+                         decisions.load_map(base + ".npy"), scale, score,
+                         decisions.part_pixel_threshold(score, decision["image_threshold"], t_px),
+                         legend=FLAGS.overlay_legend)
 
 
 def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) -> None:
@@ -315,7 +388,7 @@ def _score(setup: Setup, conf, samples, done: List[List[dict]], decision: dict) 
       rows.append([_rel(s.path), "scored", f"{float(score):.8f}", int(n_ref), int(bool(only)), ""]
                   + file_stamp(s.path))
       if FLAGS.save_maps or decision["pixel_threshold"] is not None:
-        _write_maps(s, m, score, decision)
+        _write_maps(s, m, float(rows[-1][2]), decision)      # the logged score decides
     if rows:
       log.append(state["batch"], rows)
       state["batch"] += 1
@@ -344,23 +417,38 @@ def _finish(ident: dict, ignored: List[str], unreadable: dict, seconds: float,
                    + [[r["path"], r["note"]] for r in rows if r["status"] == "skipped"])
   header = ["path", "score", "n_ref", "seclip_only"]
   table = [[r[c] for c in header] for r in scored]
-  t = decision["image_threshold"]
-  if t is not None:
-    header.append("pred_label")
-    table = [row + [int(float(r["score"]) >= t)] for row, r in zip(table, scored)]
-  write_csv(os.path.join(FLAGS.out, "scores.csv"), [header] + table)
+  scores = [float(r["score"]) for r in scored]
+  try:
+    decision = decisions.settle(decision, scores, FLAGS.max_fpr)
+    if "auto" in decision:
+      print(decisions.describe_auto(decision["auto"]))
+    t = decision["image_threshold"]
+    extra, columns = decisions.label_columns(scores, t, FLAGS.normalized_scores)
+  except ValueError as e:           # FitError, or no positive threshold to normalize by
+    flag = "--threshold auto" if isinstance(e, decisions.FitError) else "--normalized_scores"
+    decision = {**{k: v for k, v in decision.items() if k != "pending"}, "error": f"{flag}: {e}"}
+    t, extra, columns = None, [], [[] for _ in scored]
+  if FLAGS.normalized_scores and t is not None:
+    decision = {**decision, "normalized": decisions.NORMALIZED_RULE}
+  flagged = None if t is None else sum(int(c[0]) for c in columns)
+  write_csv(os.path.join(FLAGS.out, "scores.csv"),
+            [header + extra] + [row + c for row, c in zip(table, columns)])
   write_csv(os.path.join(FLAGS.out, "skipped.csv"), [["path", "reason"]] + skipped)
   only = sum(r["seclip_only"] == "1" for r in scored)
   write_json(os.path.join(FLAGS.out, RUN_JSON), {
-      "identity": ident, "status": "complete", "decision": decision,
-      "flagged": None if t is None else sum(row[-1] for row in table),
+      "identity": ident, "status": "complete", "decision": decision, "flagged": flagged,
       "scored": len(scored), "skipped": len(skipped),
       "ignored_files": len(ignored), "seclip_only": only, "seconds_last_session": seconds,
       "versions": versions()})
+  if "error" in decision:
+    raise BadInputError(f"{decision['error']}; scores.csv is written without pred_label: "
+                        "pass --threshold or --threshold_from")
+  if decision.get("auto") and decision["pixel_threshold"] is not None:
+    _draw_decided(scored, decision)
   session = len(scored) - scored_before
   print(f"scored {len(scored)} image(s)" + (f", {session} in this session" if scored_before else "")
         + f" ({session / max(seconds, 1e-9):.2f} img/s this session)"
-        + ("" if t is None else f"; {sum(row[-1] for row in table)} flagged (score >= {t:.6f}, "
+        + ("" if t is None else f"; {flagged} flagged (score >= {t:.6f}, "
            f"{decision['how'].split(':')[0]})")
         + (f"; {only} scored by SeCLIP alone (no reference)" if only else "")
         + (f"; {len(skipped)} skipped (skipped.csv)" if skipped else "")

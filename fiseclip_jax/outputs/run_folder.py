@@ -22,7 +22,8 @@ from fiseclip_jax.outputs.files import json_safe
 
 # What a run writes into --out (and --overwrite removes); nothing else there is touched.
 RUN_OUTPUTS = ("results.json", "results.csv", "scores", "curves", "maps", "masks", "scores.csv",
-               "scores.log.csv", "skipped.csv", "run.json", "report.html", "report")
+               "scores.log.csv", "skipped.csv", "run.json", "report.html", "report",
+               "known_good.csv")
 
 
 class RunFolderError(ValueError):

@@ -63,7 +63,7 @@ def test_eight_devices_equal_one(tmp_path, batch_size):
   one = run_eval(tmp_path / "one", 1, f"--batch_size={batch_size}")
   eight = run_eval(tmp_path / "eight", 8, f"--batch_size={batch_size}")
   _, out = finish_all([one, eight])
-  assert "8 cpu device(s)" in out
+  assert "8 cpu devices x 1 process," in out
   assert_same(tmp_path / "one", tmp_path / "eight")
 
 
@@ -81,7 +81,7 @@ def test_two_processes_equal_one(tmp_path):
   # The reference run after the pair: a third process on the 2 cores only widens the pair's drift
   # (test_gather_rows_after_processes_drift_apart pins that drift is survived).
   finish_all([run_eval(tmp_path / "single", 1, "--batch_size=4")])
-  assert "2 process(es)" in outs[0]
+  assert "x 2 processes," in outs[0]
   assert "wrote" in outs[0] and "wrote" not in outs[1]          # process 0 alone writes files
   assert_same(tmp_path / "single", tmp_path / "multi")
 

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fiseclip_jax.core.files import atomic_write
-from fiseclip_jax.outputs.page import get as _get, number as _number
+from fiseclip_jax.outputs.page import get, number
 
 MISSING_MATPLOTLIB = "report.html needs matplotlib (a requirement of fiseclip-jax): pip install matplotlib"
 # Every curve a category's figure can hold: kind (the SVG gid is "curve-<kind>"), where it sits in
@@ -41,7 +41,7 @@ class ReportUnavailable(RuntimeError):
 def curve_points(curves: Optional[dict], kind: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   """(x, y) of one curve kind, or None where it is absent, null, malformed or shorter than 2."""
   spec = next(c for c in CURVES if c[0] == kind)
-  curve = _get(curves, spec[1], spec[2])
+  curve = get(curves, spec[1], spec[2])
   if not isinstance(curve, dict):
     return None
   try:
@@ -77,7 +77,7 @@ def _pyplot_free_figure():
 def legend_label(kind: str, metrics: Optional[dict]) -> str:
   """'image AUROC 97.3': the curve's name and the metric it integrates to, in percent."""
   spec = next(c for c in CURVES if c[0] == kind)
-  value = _number(_get(metrics, spec[1], spec[5]))
+  value = number(get(metrics, spec[1], spec[5]))
   return spec[6] if value is None else f"{spec[6]} {100 * value:.1f}"
 
 
@@ -102,7 +102,7 @@ def curves_figure(curves: Optional[dict], metrics: Optional[dict], chance: Optio
       ax.plot([0, 1], [0, 1], lw=0.8, ls=(0, (3, 3)), color="#9aa0a6", label="chance")
     if i == 1:
       for level in ("image", "pixel"):
-        p = _number(_get(chance, level))
+        p = number(get(chance, level))
         if p is not None:
           base, = ax.plot([0, 1], [p, p], lw=0.9, ls=(0, (3, 3)), color=COLOURS[level],
                           label=f"{level} chance {100 * p:.1f}")

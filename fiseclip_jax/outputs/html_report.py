@@ -23,8 +23,8 @@ import numpy as np
 from fiseclip_jax.core.files import atomic_write
 from fiseclip_jax.outputs import page
 from fiseclip_jax.outputs.curves_figure import require_matplotlib, write_curves_svg
-from fiseclip_jax.outputs.page import (chance_level, esc, get as _get, href, num,
-                                       number as _number, pct, plural, read_json, shade)
+from fiseclip_jax.outputs.page import (chance_level, esc, get, href, num,
+                                       number, pct, plural, read_json, shade)
 from fiseclip_jax.outputs.results import HEADERS, METRIC_COLUMNS, RESULTS_JSON, mean_metrics
 
 REPORT_HTML = "report.html"
@@ -53,13 +53,13 @@ def anchor(cat: str) -> str:
 def category_chances(r: dict) -> Dict[Tuple[str, str], Optional[float]]:
   """Each table metric's chance level for a category, from its positive shares."""
   share = r.get("positive_share") if isinstance(r, dict) else None
-  return {(lvl, key): chance_level(key, _get(share, lvl)) for lvl, key in METRIC_COLUMNS}
+  return {(lvl, key): chance_level(key, get(share, lvl)) for lvl, key in METRIC_COLUMNS}
 
 
 def _asked_fpr(at_fpr):
   """The FPR a threshold was asked for (what the column means), else the one it reached."""
-  asked = _number(_get(at_fpr, "asked_fpr"))
-  return asked if asked is not None else _number(_get(at_fpr, "fpr"))
+  asked = number(get(at_fpr, "asked_fpr"))
+  return asked if asked is not None else number(get(at_fpr, "fpr"))
 
 
 def _fpr_label(fprs: List[float]) -> str:
@@ -71,7 +71,7 @@ def _fpr_label(fprs: List[float]) -> str:
 def metrics_table(categories: Dict[str, dict], mean: dict) -> str:
   """Table 1's columns in percent, then images, SeCLIP-only images and speed, then thresholds;
   in a box that scrolls sideways on a narrow screen."""
-  fprs = [_asked_fpr(_get(r, "thresholds", "image_at_fpr")) for r in categories.values()]
+  fprs = [_asked_fpr(get(r, "thresholds", "image_at_fpr")) for r in categories.values()]
   fprs = [f for f in fprs if f is not None]
   groups = (("metrics, percent", HEADERS), ("run", ("images", "SeCLIP-only", "img/s")),
             ("thresholds, anomaly score", ("im-F1max", "px-F1max", f"im {_fpr_label(fprs)}")))
@@ -82,15 +82,15 @@ def metrics_table(categories: Dict[str, dict], mean: dict) -> str:
           for cat, r in categories.items()]
   if categories:
     mean_r = {"metrics": mean,
-              "n_images": sum(int(_number(r.get("n_images")) or 0) for r in categories.values()),
-              "seclip_only": {"total": sum(int(_number(_get(r, "seclip_only", "total")) or 0)
+              "n_images": sum(int(number(r.get("n_images")) or 0) for r in categories.values()),
+              "seclip_only": {"total": sum(int(number(get(r, "seclip_only", "total")) or 0)
                                            for r in categories.values())}}
     # The mean of the metrics against the mean of their chance levels (both means over the same
     # categories; unknown where any category's is).
     mean_chance = {}
     for col in METRIC_COLUMNS:
       cs = [chances[c][col] for c, r in categories.items()
-            if _number(_get(r, "metrics", *col)) is not None]
+            if number(get(r, "metrics", *col)) is not None]
       mean_chance[col] = float(np.mean(cs)) if cs and None not in cs else None
     rows.append(_table_row("mean", mean_r, False, mean_chance).replace("<tr>", '<tr class="mean">', 1))
   else:
@@ -106,19 +106,19 @@ def metrics_table(categories: Dict[str, dict], mean: dict) -> str:
 
 def _table_row(name_html: str, r: dict, show_fpr: bool, chances: dict) -> str:
   m = r.get("metrics") if isinstance(r, dict) else None
-  cells = [f"<td{shade(_get(m, lvl, key), chances.get((lvl, key)))}>{pct(_get(m, lvl, key))}</td>"
+  cells = [f"<td{shade(get(m, lvl, key), chances.get((lvl, key)))}>{pct(get(m, lvl, key))}</td>"
            for lvl, key in METRIC_COLUMNS]
   so = r.get("seclip_only") or {}
-  so_title = esc(f"no candidates: {num(_get(so, 'no_candidates'))}, "
-                 f"all masked: {num(_get(so, 'all_masked'))}")
-  at_fpr = _get(r, "thresholds", "image_at_fpr")
+  so_title = esc(f"no candidates: {num(get(so, 'no_candidates'))}, "
+                 f"all masked: {num(get(so, 'all_masked'))}")
+  at_fpr = get(r, "thresholds", "image_at_fpr")
   fpr = _asked_fpr(at_fpr)
   fpr_note = f" @{100 * fpr:g}%" if show_fpr and fpr is not None else ""
-  run = [num(r.get("n_images")), f'<span title="{so_title}">{num(_get(so, "total"))}</span>',
-         num(_get(r, "timing", "images_per_s"))]
-  thresholds = [num(_get(r, "thresholds", "image_f1_max")),
-                num(_get(r, "thresholds", "pixel_f1_max")),
-                num(_get(at_fpr, "threshold")) + esc(fpr_note)]
+  run = [num(r.get("n_images")), f'<span title="{so_title}">{num(get(so, "total"))}</span>',
+         num(get(r, "timing", "images_per_s"))]
+  thresholds = [num(get(r, "thresholds", "image_f1_max")),
+                num(get(r, "thresholds", "pixel_f1_max")),
+                num(get(at_fpr, "threshold")) + esc(fpr_note)]
   return (f'<tr><th scope="row">{name_html}</th>' + "".join(cells)
           + "".join(f'<td class="aux">{e}</td>' for e in run)
           + "".join(f'<td class="aux thr">{e}</td>' for e in thresholds) + "</tr>")
@@ -128,7 +128,7 @@ def header_html(doc: dict, generated: str, links: List[Tuple[str, str]]) -> str:
   """Title, dataset, time of generation, checkpoint, versions and links to the raw results."""
   dataset = doc.get("dataset") or "benchmark"
   ck = doc.get("checkpoint") or {}
-  weights, sha = _get(ck, "weights"), _get(ck, "sha256")
+  weights, sha = get(ck, "weights"), get(ck, "sha256")
   facts = [("generated", f'<span class="generated">{esc(generated)}</span>')]
   if weights:
     facts.append(("weights", f'<span title="{esc(weights)}">{esc(os.path.basename(str(weights)))}'
@@ -185,19 +185,19 @@ def scores_html(r: dict, scores: Optional[Tuple[List[float], List[float]]]) -> s
   """The image scores' histogram (good, defective) with the thresholds, and the counts at F1-max."""
   parts = []
   if scores is not None:
-    t_f1 = _get(r, "thresholds", "image_f1_max")
-    t_fpr = _get(r, "thresholds", "image_at_fpr", "threshold")
-    fpr = _asked_fpr(_get(r, "thresholds", "image_at_fpr"))
+    t_f1 = get(r, "thresholds", "image_f1_max")
+    t_fpr = get(r, "thresholds", "image_at_fpr", "threshold")
+    fpr = _asked_fpr(get(r, "thresholds", "image_at_fpr"))
     lines = [(t_f1, "F1-max", "#1f2328")]
-    if _number(t_fpr) is not None and fpr is not None:
+    if number(t_fpr) is not None and fpr is not None:
       lines.append((t_fpr, f"FPR {100 * fpr:g}%", "#8a6d00"))
     parts.append(page.histogram_svg([("good", scores[0], GOOD_COLOUR),
                                      ("defective", scores[1], DEFECT_COLOUR)], lines))
   c = r.get("confusion_at_f1_max")
-  if isinstance(c, dict) and all(_number(c.get(k)) is not None for k in ("tp", "fp", "fn", "tn")):
+  if isinstance(c, dict) and all(number(c.get(k)) is not None for k in ("tp", "fp", "fn", "tn")):
     tp, fp, fn, tn = (int(c[k]) for k in ("tp", "fp", "fn", "tn"))
     parts.append('<table class="small-table confusion"><caption>at the image F1-max threshold '
-                 f'{esc(num(_get(r, "thresholds", "image_f1_max")))}</caption><tr><th></th>'
+                 f'{esc(num(get(r, "thresholds", "image_f1_max")))}</caption><tr><th></th>'
                  "<th>flagged</th><th>passed</th></tr>"
                  f'<tr><th scope="row">defective</th><td class="ok">{tp} caught</td>'
                  f'<td class="bad">{fn} missed</td></tr>'
@@ -214,7 +214,7 @@ def defects_html(by_defect) -> str:
   for d, row in by_defect.items():
     if not isinstance(row, dict):
       continue
-    n, flagged = _number(row.get("n")), _number(row.get("flagged"))
+    n, flagged = number(row.get("n")), number(row.get("flagged"))
     caught = "-" if flagged is None or n is None else (
         f"{int(flagged)} of {int(n)} flagged" if d == "good" else f"{int(flagged)} of {int(n)}")
     rows.append(f'<tr><th scope="row">{esc(d)}</th><td>{num(n)}</td><td>{esc(caught)}</td>'
@@ -267,10 +267,10 @@ def _thumb(out_dir: str, item: dict) -> str:
 
 def legend_for(r: dict) -> str:
   scale = r.get("overlay_scale") if isinstance(r, dict) else None
-  lo, hi = _number(_get(scale, "lo")), _number(_get(scale, "hi"))
+  lo, hi = number(get(scale, "lo")), number(get(scale, "hi"))
   if lo is None or hi is None:
     return ""
-  return page.legend_html(lo, hi, _number(_get(scale, "contour")),
+  return page.legend_html(lo, hi, number(get(scale, "contour")),
                           "the pixel F1-max threshold, picked on the test labels", True)
 
 
@@ -278,15 +278,15 @@ def category_html(out_dir: str, cat: str, r: dict, n_curves: int, svg_rel: Optio
                   examples: Optional[dict], scores=None) -> str:
   """A category's section: a one-line summary, curves, scores, defect types, examples."""
   m = r.get("metrics") if isinstance(r, dict) else None
-  n = _number(r.get("n_images"))
+  n = number(r.get("n_images"))
   facts = [plural(int(n), "image") if n is not None else "- images"]
-  facts += [f"{name} {pct(_get(m, lvl, key))}" for name, lvl, key in
+  facts += [f"{name} {pct(get(m, lvl, key))}" for name, lvl, key in
             (("im-AUROC", "image", "auroc"), ("px-AUROC", "pixel", "auroc"),
-             ("AU-PRO", "pixel", "aupro")) if _number(_get(m, lvl, key)) is not None]
-  if _number(_get(r, "seclip_only", "total")):
-    facts.append(f"SeCLIP-only {num(_get(r, 'seclip_only', 'total'))}")
-  if _number(_get(r, "timing", "seconds")) is not None:
-    facts.append(f"{num(_get(r, 'timing', 'seconds'))} s")
+             ("AU-PRO", "pixel", "aupro")) if number(get(m, lvl, key)) is not None]
+  if number(get(r, "seclip_only", "total")):
+    facts.append(f"SeCLIP-only {num(get(r, 'seclip_only', 'total'))}")
+  if number(get(r, "timing", "seconds")) is not None:
+    facts.append(f"{num(get(r, 'timing', 'seconds'))} s")
   if isinstance(r.get("bank"), list) and r["bank"]:
     facts.append(f"bank of {len(r['bank'])}")
   body = [f'<p class="dim">{esc(" · ".join(facts))}</p>']

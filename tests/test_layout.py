@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fiseclip_jax"
 # DESIGN.md "Layout": each folder's floor; a module imports its own folder and lower floors only.
 FLOORS = {"core": 0, "data": 1, "models": 2, "method": 3, "convert": 4, "outputs": 4, "run": 5,
-          "bench": 6, "cli": 7}
+          "bench": 6, "deploy": 6, "cli": 7}
 CROSSING = "fiseclip_jax.cli.runtime"       # the one module that imports package code in functions
 LIGHT = ["fiseclip_jax", "fiseclip_jax.core.config", "fiseclip_jax.core.errors",
          "fiseclip_jax.core.files", "fiseclip_jax.data", "fiseclip_jax.data.tables",

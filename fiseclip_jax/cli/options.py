@@ -175,17 +175,10 @@ def define_overlay_flags() -> None:
 def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = True) -> None:
   """Flags every scoring program shares: platform, model, batching, output, devices."""
   f = flags
-  f.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device use).")
   if with_data_root:
     f.DEFINE_string("data_root", None, f"Required: {what} root folder.")
     f.DEFINE_list("categories", None, "Categories to run (default: all found).")
-  f.DEFINE_string("weights", None, "Required unless --random_weights: the CLIP checkpoint converted "
-                  "with `python -m weights.convert` (a DINOv2 one alone runs FiCLIP only).")
-  f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "
-                  "with `python -m weights.convert`); CLIP (--weights) keeps SeCLIP.")
-  f.DEFINE_bool("random_weights", False, "Random weights instead of --weights (numbers are meaningless).")
-  f.DEFINE_enum("model", "vit_l14_336", list(VARIANTS), "Architecture for --random_weights "
-                "(models/clip/config.py VARIANTS).")
+  define_tower_flags()
   f.DEFINE_integer("batch_size", 16, "Images per batch (B): each image is scored against the others.")
   f.DEFINE_string("out", "results", "Output folder.")
   f.DEFINE_bool("resume", False, "Continue the run already in --out (refused if its settings differ).")
@@ -206,6 +199,19 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
   if multihost:
     check("num_processes", at_least(1), ">= 1")
     check("process_id", at_least(0), ">= 0")
+
+
+def define_tower_flags() -> None:
+  """The platform and the towers' checkpoints (or random weights of a variant)."""
+  f = flags
+  f.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device use).")
+  f.DEFINE_string("weights", None, "Required unless --random_weights: the CLIP checkpoint converted "
+                  "with `python -m weights.convert` (a DINOv2 one alone runs FiCLIP only).")
+  f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "
+                  "with `python -m weights.convert`); CLIP (--weights) keeps SeCLIP.")
+  f.DEFINE_bool("random_weights", False, "Random weights instead of --weights (numbers are meaningless).")
+  f.DEFINE_enum("model", "vit_l14_336", list(VARIANTS), "Architecture for --random_weights "
+                "(models/clip/config.py VARIANTS).")
 
 
 def define_bank_flags(source: str = "the category's training split",

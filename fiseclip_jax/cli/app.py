@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import textwrap
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from absl import flags
 from absl import logging
@@ -102,8 +102,10 @@ def check_flagfiles(argv: List[str]) -> None:
       errors.fail(2, f"--flagfile {path}: {e.strerror or e}")
 
 
-def run(main: Callable[[], None], doc: str, argv: Optional[List[str]] = None) -> None:
-  """Parse flags and run main() with the program's error handling; never returns."""
+def run(main: Callable[..., None], doc: str, argv: Optional[List[str]] = None,
+        positional: Sequence[str] = ()) -> None:
+  """Parse flags and run main() with the program's error handling; never returns. positional:
+  the names of the arguments the program takes before or among its flags (main(*them))."""
   argv = list(sys.argv if argv is None else argv)
   quiet()
   if any(a in HELP_ARGS for a in argv[1:]):
@@ -119,10 +121,13 @@ def run(main: Callable[[], None], doc: str, argv: Optional[List[str]] = None) ->
     errors.fail(2, f"{flag_message(e)} (see --help)")
   except UnicodeDecodeError as e:            # a flagfile named inside another one
     errors.fail(2, f"--flagfile: not UTF-8 text ({e.reason} at byte {e.start})")
-  if len(rest) > 1:
+  if len(rest) - 1 != len(positional):
+    if positional:
+      errors.fail(2, f"expected {len(positional)} argument(s), {' '.join(positional)}, got "
+                  f"{len(rest) - 1}: {rest[1:]} (see --help)")
     errors.fail(2, f"unexpected arguments {rest[1:]}; flags are written --name=value (see --help)")
   logging.use_absl_handler()
   if FLAGS["verbosity"].present == 0:
     logging.set_verbosity(logging.WARNING)
-  errors.guarded(main, verbose=lambda: FLAGS.verbosity >= 1)
+  errors.guarded(lambda: main(*rest[1:]), verbose=lambda: FLAGS.verbosity >= 1)
   sys.exit(0)

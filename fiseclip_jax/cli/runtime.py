@@ -143,6 +143,12 @@ def convert_engine() -> types.SimpleNamespace:
   return types.SimpleNamespace(sources=sources, checkpoint=checkpoint)
 
 
+def deploy_engine() -> types.SimpleNamespace:
+  """The JAX side of the deployment programs: the bundle file, the predictor, the compile cache."""
+  from fiseclip_jax.deploy import bundle, compile_cache, predictor  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(bundle=bundle, predictor=predictor, compile_cache=compile_cache)
+
+
 def bench_engine() -> types.ModuleType:
   """The JAX side of the benchmark program: the harness."""
   from fiseclip_jax.bench import harness  # pylint: disable=import-outside-toplevel  (the crossing)

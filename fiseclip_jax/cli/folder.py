@@ -68,32 +68,13 @@ def define_flags() -> None:
                     "references only, so every image has B - 1.")
   flags.DEFINE_bool("save_maps", True, "Write maps/<image>.png (overlay) and .npy (map), at the "
                     "image's own size.")
-  flags.DEFINE_string("threshold", None, "Image decision: pred_label 1 iff score >= this. A "
-                      "number, or 'auto': set after scoring from the run's own scores, assuming "
-                      "most parts are good: a normal fitted to their 25th and 50th percentiles "
-                      "(corrected for the share of outlying parts), cut at its (1 - --max_fpr) "
-                      f"point (docs/DESIGN.md §13); needs >= {decisions.MIN_AUTO_IMAGES} images; "
-                      "no pixel threshold unless --pixel_threshold.")
-  flags.DEFINE_string("threshold_from", None, "Folder of known-good images: scored like the run "
-                      "(same references), the thresholds are set so that --max_fpr of them (and "
-                      "--max_pixel_fpr of their pixels) are flagged.")
-  flags.DEFINE_float("max_fpr", 0.01, "With --threshold_from: the share of known-good images "
-                     "flagged (n of them resolve no less than 1/n); with --threshold auto: the share "
-                     "of good parts the fit flags, in (0, 0.5).")
-  flags.DEFINE_float("pixel_threshold", None, "Pixel decision: masks/<image>.png flags map >= this.")
-  flags.DEFINE_float("max_pixel_fpr", 0.001, "With --threshold_from: the share of known-good pixels "
-                     "flagged (the pixel threshold of the masks).")
+  options.define_decision_flags()
   flags.DEFINE_bool("normalized_scores", False, "Add scores.csv column score_normalized = "
                     "score / (score + t), t the image threshold (needs one; t > 0): the threshold "
                     "maps to 0.5, pred_label 1 iff score_normalized >= 0.5.")
   options.define_overlay_flags()
   flags.DEFINE_bool("report", True, "Write report.html: the review page (parts by score with "
                     "their decision, original and overlay; the scores' histogram).")
-  options.check("threshold", lambda v: decisions.parse_threshold(v) is not None,
-                "a finite number or 'auto'")
-  options.check("pixel_threshold", options.finite, "a finite number")
-  for name in ("max_fpr", "max_pixel_fpr"):
-    options.check(name, options.fraction, "a share in [0, 1)")
   options.check("stream_window", options.at_least(0), ">= 0")
   for name in ("images", "class_name"):
     options.check(name, lambda v: bool(v.strip()), "a non-empty value")

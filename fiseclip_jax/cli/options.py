@@ -15,6 +15,7 @@ from absl import flags
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.core.config import REFERENCE_MODES, ConfigError, FiSeConfig
 from fiseclip_jax.models.clip.config import VARIANTS
+from fiseclip_jax.outputs import decisions
 from fiseclip_jax.outputs.overlays import ColourScale
 
 FLAGS = flags.FLAGS
@@ -170,6 +171,30 @@ def define_overlay_flags() -> None:
   flags.DEFINE_bool("overlay_legend", False, "Draw the colour bar and the key of the contour (and "
                     "ground truth) under each full-size overlay.")
   check("map_range", ColourScale.check, "'LO,HI' (LO < HI) or 'threshold'")
+
+
+def define_decision_flags() -> None:
+  """The thresholds' flags (docs/DESIGN.md §13), the same in the folder scorer and the bundle."""
+  flags.DEFINE_string("threshold", None, "Image decision: pred_label 1 iff score >= this. A "
+                      "number, or 'auto': set after scoring from the run's own scores, assuming "
+                      "most parts are good: a normal fitted to their 25th and 50th percentiles "
+                      "(corrected for the share of outlying parts), cut at its (1 - --max_fpr) "
+                      f"point (docs/DESIGN.md §13); needs >= {decisions.MIN_AUTO_IMAGES} images; "
+                      "no pixel threshold unless --pixel_threshold.")
+  flags.DEFINE_string("threshold_from", None, "Folder of known-good images: scored like the run "
+                      "(same references), the thresholds are set so that --max_fpr of them (and "
+                      "--max_pixel_fpr of their pixels) are flagged.")
+  flags.DEFINE_float("max_fpr", 0.01, "With --threshold_from: the share of known-good images "
+                     "flagged (n of them resolve no less than 1/n); with --threshold auto: the share "
+                     "of good parts the fit flags, in (0, 0.5).")
+  flags.DEFINE_float("pixel_threshold", None, "Pixel decision: masks/<image>.png flags map >= this.")
+  flags.DEFINE_float("max_pixel_fpr", 0.001, "With --threshold_from: the share of known-good pixels "
+                     "flagged (the pixel threshold of the masks).")
+  check("threshold", lambda v: decisions.parse_threshold(v) is not None,
+        "a finite number or 'auto'")
+  check("pixel_threshold", finite, "a finite number")
+  for name in ("max_fpr", "max_pixel_fpr"):
+    check(name, fraction, "a share in [0, 1)")
 
 
 def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = True) -> None:

@@ -14,24 +14,18 @@ import os
 from typing import Dict, NamedTuple, Optional
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save
 
 from fiseclip_jax.convert import header
 from fiseclip_jax.convert.checkpoint import load_checkpoint
 from fiseclip_jax.core.config import FiSeConfig, config_from_dict
-from fiseclip_jax.core.errors import BadInputError
 from fiseclip_jax.core.files import atomic_write
 from fiseclip_jax.core.version import __version__
+from fiseclip_jax.deploy.bundle_header import FORMAT, META_KEY, BundleError, read_meta
 from fiseclip_jax.models import catalog, registry
 
-FORMAT = "fiseclip-bundle/1"
-META_KEY = "fiseclip_bundle"
 ROLES = ("text", "fi")          # the text-aligned tower (or the only one), FiCLIP's own tower
-
-
-class BundleError(BadInputError):
-  """A bundle that cannot be used; the message names the file and what was expected."""
 
 
 class TowerEntry(NamedTuple):
@@ -91,26 +85,6 @@ def write_bundle(path: str, b: Bundle, embed_weights: bool = True) -> int:
   return len(data)
 
 
-def _read_meta(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise BundleError(f"bundle {path}: file not found (make one with fiseclip-bundle)")
-  try:
-    with safe_open(path, framework="numpy") as f:
-      raw = (f.metadata() or {}).get(META_KEY)
-  except (SafetensorError, OSError, ValueError) as e:
-    raise BundleError(f"bundle {path}: not a readable safetensors file ({e}); expected a file "
-                      "written by fiseclip-bundle") from None
-  if raw is None:
-    raise BundleError(f"bundle {path}: no {META_KEY!r} metadata: not a FiSeCLIP-JAX bundle (a "
-                      "checkpoint? make a bundle with fiseclip-bundle --weights ...)")
-  meta = json.loads(raw)
-  if meta.get("format") != FORMAT:
-    raise BundleError(f"bundle {path}: format {meta.get('format')!r}, written by fiseclip-jax "
-                      f"{meta.get('version', '?')}; this fiseclip-jax {__version__} reads "
-                      f"{FORMAT!r}: rebuild the bundle with this version's fiseclip-bundle")
-  return meta
-
-
 def _tower_params(path: str, role: str, entry: dict, cfg, f, weights: Optional[str]) -> dict:
   """A tower's params: embedded, from the checkpoint given (checked against the bundle's sha256),
   or re-drawn from the seed of a random tower."""
@@ -137,7 +111,7 @@ def _tower_params(path: str, role: str, entry: dict, cfg, f, weights: Optional[s
 def read_bundle(path: str, weights: Optional[Dict[str, str]] = None) -> Bundle:
   """A bundle as host values. weights: role -> checkpoint path for towers that are not embedded
   (default: the path stored in the bundle); each is checked against the bundle's sha256."""
-  meta = _read_meta(path)
+  meta = read_meta(path)
   weights = weights or {}
   try:
     conf_dict = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}

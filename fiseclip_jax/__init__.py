@@ -27,6 +27,8 @@ _EXPORTS = {
     "Roles": "method.references", "make_roles": "method.references",
     "lnamd": "method.ficlip", "mutual_scores": "method.ficlip",
     "text_features": "method.prompts",
+    # Deploying: a bundle file in memory.
+    "Predictor": "deploy.predictor", "Prediction": "deploy.predictor",
     # Checkpoints.
     "load_checkpoint": "convert.checkpoint", "save_checkpoint": "convert.checkpoint",
 }

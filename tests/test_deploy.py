@@ -209,3 +209,24 @@ def test_bundle_flags_are_refused_before_the_model_loads(tmp_path, flags, needle
   p = program("bundle", *MODEL, *flags, f"--out={tmp_path / 'b.bundle'}", check=False)
   assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
   assert not (tmp_path / "b.bundle").exists()
+
+
+def test_rolling_lines_keep_their_own_rings_across_calls():
+  from fiseclip_jax.core.config import FiSeConfig
+  from fiseclip_jax.deploy.predictor import Predictor
+  from fiseclip_jax.models.clip.config import CLIPConfig
+  conf = FiSeConfig(image_size=56, feature_layers=(1, 2, 3, 4), proxy_layer=2, stream_window=2)
+  p = Predictor.build(class_name="screw", conf=conf, cfg=CLIPConfig.tiny(), batch_size=2)
+  rng = np.random.default_rng(0)
+  a = [rng.integers(0, 256, (60 + 7 * i, 56, 3), dtype=np.uint8) for i in range(5)]
+  b = [rng.integers(0, 256, (56, 70, 3), dtype=np.uint8) for _ in range(3)]
+  alone_a = [r.score for r in p.predict(a, line="A")]
+  p.reset()
+  got_a, got_b = [], []
+  for i in range(5):                            # the two lines interleaved, one part per call
+    got_a += [r.score for r in p.predict([a[i]], line="A")]
+    if i < 3:
+      got_b += [r.n_ref for r in p.predict([b[i]], line="B")]
+  assert got_a == pytest.approx(alone_a, abs=1e-6)
+  assert got_b == [0, 1, 2]                       # B's ring holds B's parts only
+  assert [r.n_ref for r in p.predict(a[:1], line="C")] == [0]

@@ -176,3 +176,9 @@ def model_on(ckpts: Checkpoints, mesh):
     print(f"{ckpts.checkpoint['backbone']} alone: FiCLIP only (no text alignment, no SeCLIP); the "
           "map is the feature-matching score and the image score its maximum")
   return e.towers.on_mesh(model, mesh)
+
+
+def export_engine() -> types.SimpleNamespace:
+  """The JAX side of the export program: the predictor (which reads the bundle) and the export."""
+  from fiseclip_jax.deploy import export, predictor  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(predictor=predictor, export=export)

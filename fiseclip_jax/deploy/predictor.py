@@ -194,6 +194,19 @@ class Predictor:
       out.append(Prediction(score, label, n_ref, only, full, mask, t))
     return out
 
+  def score_resized(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores (n,) and maps at the model's size (n, S, S) of inputs already resized, (n, S, S, 3)
+    float32 RGB in [0, 1], batched as `predict` batches them (not a stream): what an exported
+    program is checked against."""
+    if self.conf.streaming:
+      raise BadInputError("score_resized scores batches; a rolling bundle scores a stream "
+                          "(predict with a line)")
+    s = self.conf.image_size
+    x = np.asarray(x, np.float32).reshape((-1, s, s, 3))
+    raw = self._batches(x)
+    maps = np.stack([m for *_, m in raw]) if raw else np.zeros((0, s, s), np.float32)
+    return np.array([r[0] for r in raw], np.float32), maps.astype(np.float32)
+
   def reset(self, line: Optional[str] = None) -> None:
     """Forget a line's ring (all lines when None): its next part has no part before it."""
     for k in [line] if line is not None else list(self.rings):

@@ -59,12 +59,13 @@ class Spec:
                       c.compute_dtype)
 
 
-def resolve_attention(conf: FiSeConfig) -> str:
+def resolve_attention(conf: FiSeConfig, backend: Optional[str] = None) -> str:
   """cuDNN fused attention on GPU in bfloat16, the blocked kernel on CPU (models/attention.py: XLA's
-  would form every (B, H, T, T) score), XLA's attention elsewhere (TPU, GPU in float32)."""
+  would form every (B, H, T, T) score), XLA's attention elsewhere (TPU, GPU in float32).
+  backend: "cpu", "gpu" or "tpu" (default: this process's; an export names its target's)."""
   if conf.attention_impl is not None:
     return conf.attention_impl
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if backend == "gpu" and conf.compute_dtype == "bfloat16":
     return "cudnn"
   if backend == "cpu":

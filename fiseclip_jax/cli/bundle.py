@@ -87,11 +87,7 @@ def _check_flags() -> bool:
   if mode == "batch" and not stream and FLAGS.batch_size < 2:
     raise UsageError(f"--batch_size {FLAGS.batch_size} leaves no part a reference in "
                      "--references batch: use >= 2, or --normal_images")
-  if not FLAGS.weights and not FLAGS.random_weights:
-    raise UsageError("pass --weights FILE (convert one with `python -m weights.convert`) or "
-                     "--random_weights")
-  if FLAGS.weights and FLAGS.random_weights:
-    raise UsageError("--weights and --random_weights exclude each other")
+  options.check_weight_flags()
   return has_bank
 
 

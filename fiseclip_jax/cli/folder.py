@@ -205,14 +205,7 @@ def run() -> None:
   runtime.check_class_name(FLAGS.class_name, ckpts)
   min_side = runtime.min_image_side(ckpts)
   samples, ignored = data.list_folder(FLAGS.images, FLAGS.recursive, exclude=[FLAGS.out])
-  problems = data.check_files(samples, min_side)
-  if problems and not FLAGS.skip_bad_images:
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
-  unreadable = {p.sample.path: str(p.error) for p in problems}
-  for path, err in unreadable.items():
-    sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
-  samples = [s for s in samples if s.path not in unreadable]
+  samples, unreadable = options.split_unreadable(samples, min_side)
   _check_auto_count(len(samples))
   bank_samples = _known_good(FLAGS.normal_images, min_side, FLAGS.k_shot) if has_bank else []
   good_samples = _known_good(FLAGS.threshold_from, min_side) if FLAGS.threshold_from else []

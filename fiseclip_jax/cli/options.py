@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Callable, Dict, Optional, Sequence
 
 from absl import flags
 
+from fiseclip_jax import data
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.core.config import REFERENCE_MODES, ConfigError, FiSeConfig
 from fiseclip_jax.models.clip.config import VARIANTS
@@ -260,10 +262,29 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
   if mode in ("bank", "both") and not has_bank:
     raise UsageError(f"--references {mode} needs a bank of known-good images "
                      "(--k_shot K, or --normal_images DIR for eval.folder)")
+  check_weight_flags()
+  if FLAGS.resume and FLAGS.overwrite:
+    raise UsageError("--resume and --overwrite exclude each other")
+
+
+def check_weight_flags() -> None:
+  """--weights or --random_weights, exactly one of them."""
   if not FLAGS.weights and not FLAGS.random_weights:
     raise UsageError("pass --weights FILE (convert one with `python -m weights.convert`) or "
                      "--random_weights")
   if FLAGS.weights and FLAGS.random_weights:
     raise UsageError("--weights and --random_weights exclude each other")
-  if FLAGS.resume and FLAGS.overwrite:
-    raise UsageError("--resume and --overwrite exclude each other")
+
+
+def split_unreadable(samples, min_side: int):
+  """(readable samples, {path: reason} of the unreadable ones) from the files' headers: the first
+  problem raised unless --skip_bad_images, each skipped one warned about on stderr."""
+  problems = data.check_files(samples, min_side)
+  if problems and not FLAGS.skip_bad_images:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
+  unreadable = {p.sample.path: str(p.error) for p in problems}
+  for path, err in unreadable.items():
+    sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
+  return [s for s in samples if s.path not in unreadable], unreadable
+

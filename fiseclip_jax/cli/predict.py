@@ -14,7 +14,6 @@ images with each other, so all of them are scored in one call (as one folder run
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import flags
@@ -66,14 +65,8 @@ def _samples(target: str):
                                                         exclude=[FLAGS.out])
   else:
     raise UsageError(f"IMAGES_OR_DIR {target}: no such file or folder")
-  problems = data.check_files(samples, 1)
-  if problems and not FLAGS.skip_bad_images:
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise type(problems[0].error)(f"{problems[0].error}{more}; --skip_bad_images skips them")
-  bad = {p.sample.path: str(p.error) for p in problems}
-  for path, err in bad.items():
-    sys.stderr.write(f"warning: skipping unreadable image {path}: {err}\n")
-  return root, [s for s in samples if s.path not in bad], ignored, bad
+  readable, bad = options.split_unreadable(samples, 1)
+  return root, readable, ignored, bad
 
 
 def run(bundle_path: str, target: str) -> None:

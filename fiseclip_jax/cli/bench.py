@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "jax_platforms, set before any device use.")
+  options.define_platform_flag()
   flags.DEFINE_integer("host_devices", None, "Force N host (CPU) devices via XLA_FLAGS (testing).")
   flags.DEFINE_float("gpu_mem_fraction", 0.6, "With --torch_compare: JAX's share of GPU memory "
                      "(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set), the rest left to torch.")

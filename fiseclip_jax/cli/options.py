@@ -228,10 +228,16 @@ def define_run_flags(what: str, with_data_root: bool = True, multihost: bool = T
     check("process_id", at_least(0), ">= 0")
 
 
+def define_platform_flag() -> None:
+  """--platform, the same in every program that starts JAX."""
+  flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device "
+                    "use).")
+
+
 def define_tower_flags() -> None:
   """The platform and the towers' checkpoints (or random weights of a variant)."""
   f = flags
-  f.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device use).")
+  define_platform_flag()
   f.DEFINE_string("weights", None, "Required unless --random_weights: the CLIP checkpoint converted "
                   "with `python -m weights.convert` (a DINOv2 one alone runs FiCLIP only).")
   f.DEFINE_string("fi_weights", None, "Another tower for FiCLIP's features (e.g. DINOv2, converted "

@@ -34,8 +34,7 @@ RUN_JSON = "run.json"
 
 
 def define_flags() -> None:
-  flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "JAX platform (set before any device "
-                    "use).")
+  options.define_platform_flag()
   flags.DEFINE_string("out", None, "Required: the output folder.")
   flags.DEFINE_bool("recursive", False, "Also score the images in sub-folders of IMAGES_OR_DIR.")
   flags.DEFINE_bool("overwrite", False, "Replace an earlier run's outputs in --out.")

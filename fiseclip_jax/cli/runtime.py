@@ -182,3 +182,17 @@ def export_engine() -> types.SimpleNamespace:
   """The JAX side of the export program: the predictor (which reads the bundle) and the export."""
   from fiseclip_jax.deploy import export, predictor  # pylint: disable=import-outside-toplevel
   return types.SimpleNamespace(predictor=predictor, export=export)
+
+
+def serve_engine() -> types.SimpleNamespace:
+  """The JAX side of the service: the predictor and the HTTP app (FastAPI, uvicorn: the extra
+  "serve")."""
+  try:
+    from fiseclip_jax.deploy import predictor, service  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    if e.name not in ("fastapi", "starlette", "uvicorn"):
+      raise
+    raise EnvironmentProblem(f"fiseclip-serve needs {e.name}: pip install "
+                             '"fiseclip-jax[serve]" (fastapi, uvicorn)') from None
+  return types.SimpleNamespace(predictor=predictor, service=service, warm_up=service.warm_up,
+                               uvicorn_serve=service.serve)

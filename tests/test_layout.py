@@ -22,8 +22,9 @@ LIGHT = ["fiseclip_jax", "fiseclip_jax.core.config", "fiseclip_jax.core.errors",
          "fiseclip_jax.outputs.category", "fiseclip_jax.bench.config", "fiseclip_jax.cli.evaluate",
          "fiseclip_jax.cli.folder", "fiseclip_jax.cli.demo", "fiseclip_jax.cli.convert",
          "fiseclip_jax.cli.bench", "fiseclip_jax.cli.bundle", "fiseclip_jax.cli.predict",
-         "fiseclip_jax.cli.export", "fiseclip_jax.deploy.bundle_header",
-         "fiseclip_jax.deploy.export_format"]
+         "fiseclip_jax.cli.export", "fiseclip_jax.cli.serve", "fiseclip_jax.cli.serve_load",
+         "fiseclip_jax.deploy.bundle_header", "fiseclip_jax.deploy.export_format",
+         "fiseclip_jax.deploy.gather", "fiseclip_jax.deploy.intake", "fiseclip_jax.deploy.load"]
 
 
 def modules():

@@ -1,6 +1,6 @@
 """Serve a bundle over HTTP: a production line posts parts, an inspector keeps the page open.
 
-  fiseclip-serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token T] [--max_wait_ms 10]
+  fiseclip-serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token T] [--max_wait_ms 2]
 
 (`python -m eval.serve ...` in a checkout; needs `pip install "fiseclip-jax[serve]"`.)
 POST /v1/score takes one image (raw body, or multipart field "image"; ?line=ID names the line of a
@@ -37,7 +37,7 @@ def define_flags() -> None:
                        lower_bound=0, upper_bound=65535)
   flags.DEFINE_string("token", None, f"A secret every route but /v1/health asks for (header "
                       f"'Authorization: Bearer T' or ?token=T); default ${TOKEN_ENV}.")
-  flags.DEFINE_float("max_wait_ms", 10.0, "How long a part waits for others to fill the compiled "
+  flags.DEFINE_float("max_wait_ms", 2.0, "How long a part waits for others to fill the compiled "
                      "batch (0: score what is there at once).", lower_bound=0.0)
   flags.DEFINE_integer("max_bytes", 20 * 2**20, "The largest request body (413 beyond).",
                        lower_bound=1)

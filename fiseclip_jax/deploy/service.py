@@ -46,7 +46,7 @@ log = logging.getLogger("fiseclip_jax.serve")
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
   """The service's settings (fiseclip-serve's flags; DESIGN.md §15)."""
-  max_wait_ms: float = 10.0          # how long the first waiting part waits for a fuller batch
+  max_wait_ms: float = 2.0           # how long the first waiting part waits for a fuller batch
   max_bytes: int = 20 * 2**20        # a request body
   max_pixels: int = 50_000_000       # an image's width x height, read from its header
   keep: int = 50                     # parts kept for the page and the links

@@ -24,7 +24,8 @@ LIGHT = ["fiseclip_jax", "fiseclip_jax.core.config", "fiseclip_jax.core.errors",
          "fiseclip_jax.cli.bench", "fiseclip_jax.cli.bundle", "fiseclip_jax.cli.predict",
          "fiseclip_jax.cli.export", "fiseclip_jax.cli.serve", "fiseclip_jax.cli.serve_load",
          "fiseclip_jax.deploy.bundle_header", "fiseclip_jax.deploy.export_format",
-         "fiseclip_jax.deploy.gather", "fiseclip_jax.deploy.intake", "fiseclip_jax.deploy.load"]
+         "fiseclip_jax.deploy.gather", "fiseclip_jax.deploy.intake", "fiseclip_jax.deploy.load",
+         "fiseclip_jax.deploy.serve_config"]
 
 
 def modules():

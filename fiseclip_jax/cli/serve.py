@@ -24,12 +24,14 @@ from absl import flags
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import EnvironmentProblem, UsageError
 from fiseclip_jax.deploy.bundle_header import read_meta
+from fiseclip_jax.deploy.serve_config import ServeConfig
 
 FLAGS = flags.FLAGS
 TOKEN_ENV = "FISECLIP_TOKEN"
 
 
 def define_flags() -> None:
+  d = ServeConfig()
   options.define_platform_flag()
   flags.DEFINE_string("host", "127.0.0.1", "Address to bind; another than this machine's "
                       "(loopback) needs --token.")
@@ -37,13 +39,13 @@ def define_flags() -> None:
                        lower_bound=0, upper_bound=65535)
   flags.DEFINE_string("token", None, f"A secret every route but /v1/health asks for (header "
                       f"'Authorization: Bearer T' or ?token=T); default ${TOKEN_ENV}.")
-  flags.DEFINE_float("max_wait_ms", 2.0, "How long a part waits for others to fill the compiled "
+  flags.DEFINE_float("max_wait_ms", d.max_wait_ms, "How long a part waits for others to fill the compiled "
                      "batch (0: score what is there at once).", lower_bound=0.0)
-  flags.DEFINE_integer("max_bytes", 20 * 2**20, "The largest request body (413 beyond).",
+  flags.DEFINE_integer("max_bytes", d.max_bytes, "The largest request body (413 beyond).",
                        lower_bound=1)
-  flags.DEFINE_integer("max_pixels", 50_000_000, "The largest image, width x height from its "
+  flags.DEFINE_integer("max_pixels", d.max_pixels, "The largest image, width x height from its "
                        "header (413 beyond).", lower_bound=1)
-  flags.DEFINE_integer("keep", 50, "Parts kept in memory for the page and their links.",
+  flags.DEFINE_integer("keep", d.keep, "Parts kept in memory for the page and their links.",
                        lower_bound=1)
   flags.DEFINE_string("cache_dir", None, "JAX's persistent compilation cache (default "
                       "$FISECLIP_CACHE_DIR or ~/.cache/fiseclip_jax/xla; '' for none).")
@@ -86,7 +88,7 @@ def run(bundle: str) -> None:
   predictor = e.predictor.Predictor.load(bundle, cache_dir=FLAGS.cache_dir)
   if FLAGS.map_range == "threshold" and not (predictor.pixel_threshold or 0) > 0:
     raise UsageError("--map_range threshold needs the bundle's pixel threshold > 0")
-  config = e.service.ServeConfig(
+  config = ServeConfig(
       max_wait_ms=FLAGS.max_wait_ms, max_bytes=FLAGS.max_bytes, max_pixels=FLAGS.max_pixels,
       keep=FLAGS.keep, token=token, map_range=FLAGS.map_range, legend=FLAGS.overlay_legend)
   d = predictor.describe()

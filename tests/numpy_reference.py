@@ -113,11 +113,27 @@ def _aggregate(d, topk_frac, agg):
   raise ValueError(f"agg={agg!r}")
 
 
-def _score_against(f_u, refs, topk_frac, agg):
+def _score_against(f_u, refs, topk_frac, agg, grid=None, match_window=None):
   """Score of query patches f_u (N, C) against refs, a non-empty list of (feats (N, C), exclude (N,))
-  whose exclude keeps at least one patch. d_uv(p) = min over kept q of ||F_u(p) - F_v(q)||_2."""
-  d = np.stack([_min_dist(f_u, f_v[~ex_v]) for f_v, ex_v in refs])  # (n_ref, N)
-  return _aggregate(d, topk_frac, agg)
+  whose exclude keeps at least one patch. d_uv(p) = min over kept q of ||F_u(p) - F_v(q)||_2.
+
+  match_window w (DESIGN.md §4, aligned matching): q ranges over v's kept patches with
+  |q_y - p_y| <= w and |q_x - p_x| <= w on the (h, w) grid; at p only the references keeping a
+  patch there count (k from their number), and p scores 0 where none does."""
+  if match_window is None:
+    d = np.stack([_min_dist(f_u, f_v[~ex_v]) for f_v, ex_v in refs])  # (n_ref, N)
+    return _aggregate(d, topk_frac, agg)
+  n = f_u.shape[0]
+  h, w = _grid(n, grid)
+  ys, xs = np.divmod(np.arange(n), w)
+  out = np.zeros(n)
+  for p in range(n):
+    near = (np.abs(ys - ys[p]) <= match_window) & (np.abs(xs - xs[p]) <= match_window)
+    d = [_min_dist(f_u[p:p + 1], f_v[near & ~ex_v])[0] for f_v, ex_v in refs
+         if (near & ~ex_v).any()]
+    if d:
+      out[p] = _aggregate(np.array(d)[:, None], topk_frac, agg)[0]
+  return out
 
 
 def mutual_scores(feats, exclude, valid, topk_frac=0.3, agg="interval"):
@@ -324,7 +340,8 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
         continue  # no score at step s
       step_scores[s, u] = np.mean(
           [_score_against(feats[key][u], [(features(c, key), exclusion(c)) for c in refs],
-                          conf.topk_frac, conf.ref_agg) for key in group], axis=0)
+                          conf.topk_frac, conf.ref_agg, (h, w),
+                          getattr(conf, "match_window", None)) for key in group], axis=0)
     new_mask = mask.copy()
     for u in range(b):
       if step_n_ref[s, u] > 0:  # a slot without references adds neither a vote nor a voter

@@ -23,6 +23,9 @@ class BenchConfig:
   dtypes: Tuple[str, ...] = knob(DTYPES, "Compute dtypes.", DTYPES)
   stages: Tuple[str, ...] = knob(STAGES + REFERENCE_STAGES, "Stages to time.",
                                  STAGES + REFERENCE_STAGES)
+  match_windows: Optional[Tuple[int, ...]] = knob(None, "Also time mutual_filtering with "
+                                                   "aligned matching at each match window w, "
+                                                   "e.g. 1,2,4 (DESIGN.md §4).", element=int)
   bank_size: int = knob(16, "K: images of the bank and of a stream's ring (references rows).")
   repeats: int = knob(5, "Timed calls per stage (median reported).")
   torch_compare: bool = knob(True, "Also time transformers' CLIPVisionModel tower.")
@@ -48,6 +51,9 @@ class BenchConfig:
 
   def __post_init__(self):
     check_choices(self)
+    if any(w < 0 for w in self.match_windows or ()):
+      raise ConfigError("match_windows", f"{','.join(map(str, self.match_windows))}; expected "
+                        "integers >= 0")
     for name in ("batch_sizes", "devices"):
       values = getattr(self, name) or ()
       if any(v < 1 for v in values) or (name == "batch_sizes" and not values):

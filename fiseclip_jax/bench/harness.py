@@ -62,6 +62,9 @@ def bench_dtype(result: dict, bc: BenchConfig, out: str, params, cfg, conf,
     try:
       result["rows"] += stages.bench_rows(params, cfg, conf, b, repeats=bc.repeats, peak=peak,
                                           stages=bc.stages, seed=bc.seed)
+      if bc.match_windows:
+        result["rows"] += stages.window_rows(params, cfg, conf, b, bc.match_windows,
+                                             repeats=bc.repeats, peak=peak, seed=bc.seed)
       if ref_stages:
         result["rows"] += stages.reference_rows(params, cfg, conf, b, bc.bank_size,
                                                 repeats=bc.repeats, peak=peak, stages=ref_stages,

@@ -77,7 +77,7 @@ def build_stages(params, spec, images, roles, text, stages: Sequence[str]) -> Li
   fns = {"encoder": jit_stage(pl.encode, spec),
          "seclip": jit_stage(pl.seclip_stage, spec, n_patches=grid[0] * grid[1]),
          "lnamd": jit_stage(pl.lnamd_stage, spec, grid=grid),
-         "mutual_filtering": jit_stage(pl.filter_stage, spec),
+         "mutual_filtering": jit_stage(pl.filter_stage, spec, grid=grid),
          "maps": jit_stage(pl.maps_stage, spec, out_hw=(size, size)),
          "end_to_end": jit_stage(pl.detect_batch, spec)}
   out = {}
@@ -122,6 +122,31 @@ def bench_rows(params, cfg, conf, b: int, *, repeats: int = 5, peak: Optional[fl
   rows = []
   for stage in build_stages(params, spec, images, roles, text, [s for s in stages if s in STAGES]):
     rows.append({**common, **bench_stage(stage, b, flops[stage.name], peak, repeats)})
+    logging.info("%s", table.format_row(rows[-1]))
+  return rows
+
+
+def window_rows(params, cfg, conf, b: int, windows: Sequence[int], *, repeats: int = 5,
+                peak: Optional[float] = None, seed: int = 0) -> List[dict]:
+  """mutual_filtering rows with aligned matching (`match_window` w each, DESIGN.md §4), on the
+  inputs of the stage row, beside the unrestricted one: the filter stage alone is compiled per w."""
+  spec = make_spec(cfg, conf)
+  images, roles, text = random_inputs(cfg, b, conf.image_size, seed)
+  p = Params(params, None)
+  size = conf.image_size
+  grid = spec.grid((size, size))
+  feats = jit_stage(pl.encode, spec)(p, images)
+  se = jit_stage(pl.seclip_stage, spec, n_patches=grid[0] * grid[1])(p, feats, text)
+  steps = jax.block_until_ready(jit_stage(pl.lnamd_stage, spec, grid=grid)(feats.layer_tokens))
+  common = {"model_width": cfg.vision_width, "model_layers": cfg.vision_layers,
+            "dtype": conf.compute_dtype, "batch": b, "image_size": size}
+  rows = []
+  for w in windows:
+    spec_w = make_spec(cfg, conf.replace(match_window=w))
+    stage = compile_stage("mutual_filtering", jit_stage(pl.filter_stage, spec_w, grid=grid),
+                          (steps, se.mask0, roles, None))
+    flops = pl.stage_flops(spec_w, size, b)["mutual_filtering"]
+    rows.append({**common, "match_window": w, **bench_stage(stage, b, flops, peak, repeats)})
     logging.info("%s", table.format_row(rows[-1]))
   return rows
 

@@ -36,6 +36,8 @@ def _fmt(v, width: int, spec: str) -> str:
 
 def format_row(r: dict) -> str:
   stage = r.get("stage", "?") + (f"[{r['devices']}]" if "devices" in r else "")
+  if r.get("match_window") is not None:
+    stage += f"[w={r['match_window']}]"
   head = f"{stage:<17} {r.get('dtype', '-'):<9} {r.get('batch', '-'):>4} "
   if "error" in r or "skipped" in r:
     return head + (r.get("error") or r.get("skipped"))

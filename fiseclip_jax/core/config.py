@@ -97,6 +97,10 @@ class FiSeConfig:
                           FILTER_LOOPS)
   ref_agg: str = knob("interval", "Aggregation over references: mean of the k closest, or min.", REF_AGGS)
   topk_frac: float = knob(0.3, "k = max(1, floor(topk_frac * n_ref)) for 'interval'; in (0, 1].")
+  match_window: Optional[int] = knob(None, "Aligned parts: a patch is matched only with a "
+                                     "reference's patches within this many grid cells of its "
+                                     "position (0: the same position; unset: every patch; "
+                                     "DESIGN.md §4).", element=int)
   # Fusion.
   se_weight: Optional[float] = knob(None, "Share of SeCLIP's P_a in the map, in [0, 1] "
                                     "(default 1 / (1 + len(r_list))).")
@@ -140,6 +144,9 @@ class FiSeConfig:
       raise ConfigError("stream_window", f"{self.stream_window} with references "
                         f"{self.references!r}: a stream's references are the images before each "
                         "one (references 'batch'); a bank does not combine with a stream")
+    if self.match_window is not None and self.match_window < 0:
+      raise ConfigError("match_window", f"{self.match_window}; expected >= 0 (or unset: every "
+                        "patch)")
     if self.pair_chunk < 1:
       raise ConfigError("pair_chunk", f"{self.pair_chunk}; expected >= 1")
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiseclip_jax.core.rules import VOTE_RULES
+from fiseclip_jax.method import window as window_lib
 from fiseclip_jax.method.references import External
 
 Array = jax.Array
@@ -64,12 +65,21 @@ def _divisor_chunk(n: int, most: int) -> int:
   return max(c for c in range(1, min(most, n) + 1) if n % c == 0)
 
 
-def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Array:
+def windowed(grid: Optional[Tuple[int, int]], match_window: Optional[int]) -> bool:
+  """Whether matching is restricted: a window that does not cover the whole grid."""
+  return match_window is not None and grid is not None and \
+      not window_lib.covers_grid(match_window, grid)
+
+
+def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8,
+                       grid: Optional[Tuple[int, int]] = None,
+                       match_window: Optional[int] = None) -> Array:
   """All-pairs masked nearest-patch distances within a batch.
 
   feats (G, B, N, C) (G feature maps scored together), exclude (B, N) bool.
   Returns d (G, B, B, N): d[g, u, v, p] = min over q with not exclude[v, q] of
-  ||F_u(p) - F_v(q)||; inf on the diagonal and where v keeps no patch.
+  ||F_u(p) - F_v(q)||; inf on the diagonal and where v keeps no patch. With match_window w (and
+  the (h, w) grid of N), q ranges over v's patches within w cells of p (`method/window.py`).
   """
   g, b, n, _ = feats.shape
   d = jnp.full((g, b, b, n), jnp.inf, jnp.float32)
@@ -82,6 +92,9 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
   pu, pv = iu.reshape(p // chunk, chunk), iv.reshape(p // chunk, chunk)
 
   def one_pair(u, v):
+    if windowed(grid, match_window):
+      return window_lib.pair_distances(feats[:, u], feats[:, v], norms[:, u], norms[:, v],
+                                       exclude[u], exclude[v], grid, match_window)
     d2 = _sq_dists(feats[:, u], feats[:, v], norms[:, u], norms[:, v])      # (G, N, N)
     rows = jnp.min(jnp.where(exclude[v][None, None, :], jnp.inf, d2), axis=2)   # u vs v's kept
     cols = jnp.min(jnp.where(exclude[u][None, :, None], jnp.inf, d2), axis=1)   # v vs u's kept
@@ -95,12 +108,14 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8) -> Arr
 
 
 def external_min_distances(feats: Array, ext_feats: Array, ext_exclude: Array,
-                           pair_chunk: int = 8) -> Array:
+                           pair_chunk: int = 8, grid: Optional[Tuple[int, int]] = None,
+                           match_window: Optional[int] = None) -> Array:
   """Masked nearest-patch distances from batch slots to external references (a bank, a ring).
 
   feats (G, B, N, C), ext_feats (G, K, M, C), ext_exclude (K, M) bool -> d (G, B, K, N):
   d[g, u, k, p] = min over q with not ext_exclude[k, q] of ||F_u(p) - E_k(q)||; inf where k keeps
-  nothing. One direction only: external entries are never scored.
+  nothing. One direction only: external entries are never scored. match_window as in
+  `pair_min_distances` (an external entry has the batch's grid).
   """
   g, b, n, _ = feats.shape
   k = ext_feats.shape[1]
@@ -111,6 +126,10 @@ def external_min_distances(feats: Array, ext_feats: Array, ext_exclude: Array,
   pk = np.tile(np.arange(k), b).reshape(p // chunk, chunk)
 
   def one_pair(u, e):
+    if windowed(grid, match_window):
+      return window_lib.pair_distances(feats[:, u], ext_feats[:, e], norms[:, u],
+                                       ext_norms[:, e], jnp.zeros((n,), bool), ext_exclude[e],
+                                       grid, match_window, both=False)
     d2 = _sq_dists(feats[:, u], ext_feats[:, e], norms[:, u], ext_norms[:, e])   # (G, N, M)
     rows = jnp.min(jnp.where(ext_exclude[e][None, None, :], jnp.inf, d2), axis=2)
     return jnp.sqrt(jnp.maximum(rows, 0.0))
@@ -151,22 +170,27 @@ def topk_count(n_ref: Array, topk_frac: float, n_max: int) -> Array:
   return jnp.asarray(topk_table(topk_frac, n_max))[n_ref.astype(jnp.int32)]
 
 
-def aggregate(d: Array, refs: Array, topk_frac: float, agg: str) -> Tuple[Array, Array]:
+def aggregate(d: Array, refs: Array, topk_frac: float, agg: str,
+              per_patch: bool = False) -> Tuple[Array, Array]:
   """Per-map scores over references: d (G, B, R, N), refs (B, R) -> ((G, B, N), n_ref (B,)).
 
   "interval" (MuSc): mean of the k smallest d_uv(p) over references, k = topk_count(n_ref);
-  "min": the smallest. Images with no reference score 0 (callers check n_ref).
+  "min": the smallest. Images with no reference score 0 (callers check n_ref). per_patch (a
+  match window, DESIGN.md §4): a reference counts at p only where its d is finite (it keeps a
+  patch in p's window), k from that count, 0 where none counts.
   """
   n_ref = refs.sum(axis=1).astype(jnp.int32)                                # (B,)
   d = jnp.where(refs[None, :, :, None], d, jnp.inf)
+  count = (jnp.isfinite(d).sum(axis=2).astype(jnp.int32) if per_patch       # (G, B, N)
+           else n_ref[None, :, None])                                        # (1, B, 1)
   if agg == "min":
     s = d.min(axis=2)
   else:
-    k = topk_count(n_ref, topk_frac, d.shape[2])
+    k = topk_count(count, topk_frac, d.shape[2])
     ds = jnp.sort(d, axis=2)                                                 # refs ascending
-    first_k = jnp.arange(d.shape[2])[None, :, None] < k[:, None, None]      # (B, R, 1)
-    s = jnp.where(first_k[None], ds, 0.0).sum(axis=2) / k[None, :, None]
-  return jnp.where(n_ref[None, :, None] > 0, s, 0.0), n_ref
+    first_k = jnp.arange(d.shape[2])[None, None, :, None] < k[:, :, None]    # (G|1, B, R, N|1)
+    s = jnp.where(first_k, ds, 0.0).sum(axis=2) / k
+  return jnp.where(count > 0, s, 0.0), n_ref
 
 
 def mutual_scores(feats: Array, exclude: Array, valid: Array, topk_frac: float = 0.3,
@@ -192,7 +216,8 @@ class FilterResult(NamedTuple):
 def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float, rule: str,
                      topk_frac: float, agg: str, pair_chunk: int = 8,
                      external: Optional[External] = None, ext_refs: Optional[Array] = None,
-                     batch_pairs: bool = True) -> FilterResult:
+                     batch_pairs: bool = True, grid: Optional[Tuple[int, int]] = None,
+                     match_window: Optional[int] = None) -> FilterResult:
   """Algorithm 1 as a `lax.scan` over filtering steps (DESIGN.md §5, §6).
 
   steps (S, G, B, N, C): the feature maps of each step (G maps averaged per step); mask0 (B, N);
@@ -202,6 +227,7 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
   with references adds one vote (`a > mu`) and one voter, an image without adds neither; `rule`
   names an entry of `rules.VOTE_RULES`.
   batch_pairs=False skips the batch's pair distances (no batch candidates: bank-only scoring).
+  match_window (with the (h, w) grid of N): aligned matching, `pair_min_distances`.
   """
   vote = VOTE_RULES[rule]
   b = mask0.shape[0]
@@ -215,15 +241,16 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
     group = x[0]
     ds, cands = [], []
     if batch_pairs:
-      ds.append(pair_min_distances(group, mask, pair_chunk))                # (G, B, B, N)
+      ds.append(pair_min_distances(group, mask, pair_chunk, grid, match_window))  # (G, B, B, N)
       cands.append(batch_refs & ~jnp.all(mask, axis=-1)[None, :])
     if external is not None:
       ext_feats, ext_mask = x[1], x[2]
-      ds.append(external_min_distances(group, ext_feats, ext_mask, pair_chunk))   # (G, B, K, N)
+      ds.append(external_min_distances(group, ext_feats, ext_mask, pair_chunk, grid,
+                                       match_window))                        # (G, B, K, N)
       cands.append(ext_refs & ~jnp.all(ext_mask, axis=-1)[None, :])
     if ds:
       s, n_ref = aggregate(jnp.concatenate(ds, axis=2), jnp.concatenate(cands, axis=1),
-                           topk_frac, agg)
+                           topk_frac, agg, per_patch=windowed(grid, match_window))
       a = s.mean(axis=0)                                                     # (B, N)
     else:
       a, n_ref = jnp.zeros(mask.shape, jnp.float32), jnp.zeros((b,), jnp.int32)
@@ -263,8 +290,12 @@ def lnamd_flops(b: int, n: int, c: int, r_list, n_layers: int) -> float:
 
 
 def matching_flops(b: int, n: int, c: int, n_maps: int, n_external: int = 0,
-                   batch_pairs: bool = True) -> float:
+                   batch_pairs: bool = True, grid: Optional[Tuple[int, int]] = None,
+                   match_window: Optional[int] = None) -> float:
   """One N x N x C matmul per pair and map: each unordered batch pair once, each (slot, external
-  reference) pair once, over all filtering steps."""
+  reference) pair once, over all filtering steps. With a match window, the (2w + 1)^2 shifted
+  products of C per patch (the padded offsets are computed too: fixed shapes)."""
   pairs = (b * (b - 1) / 2 if batch_pairs else 0) + b * n_external
+  if windowed(grid, match_window):
+    return pairs * n_maps * 2.0 * n * len(window_lib.offsets(match_window)) * c
   return pairs * n_maps * 2.0 * n * n * c

@@ -89,14 +89,16 @@ def lnamd_stage(spec: Spec, layer_tokens: Array, grid) -> Array:
 
 
 def filter_stage(spec: Spec, steps: Array, mask0: Array, roles: Roles,
-                 external: Optional[External]) -> Tuple[FilterResult, Array]:
-  """FiCLIP matching with mutual filtering: (FilterResult, n_candidates (B,))."""
+                 external: Optional[External], grid=None) -> Tuple[FilterResult, Array]:
+  """FiCLIP matching with mutual filtering: (FilterResult, n_candidates (B,)). grid: the (h, w)
+  patch grid of N, which a match window needs."""
   conf = spec.conf
   batch_refs, ext_refs = references.candidates(conf, roles, external)
   filt = ficlip.mutual_filtering(steps, mask0, batch_refs, mu=conf.mu, rule=conf.vote,
                                  topk_frac=conf.topk_frac, agg=conf.ref_agg,
                                  pair_chunk=conf.pair_chunk, external=external, ext_refs=ext_refs,
-                                 batch_pairs=references.uses_batch_pairs(conf))
+                                 batch_pairs=references.uses_batch_pairs(conf), grid=grid,
+                                 match_window=conf.match_window)
   n_candidates = batch_refs.sum(axis=1) + (0 if ext_refs is None else ext_refs.sum(axis=1))
   return filt, n_candidates.astype(jnp.int32)
 
@@ -139,7 +141,7 @@ def score(spec: Spec, params: Params, images: Array, roles: Roles, text: Array,
     feats = encode(spec, params, images)
     se = seclip_stage(spec, params, feats, text, grid[0] * grid[1])
     steps = lnamd_stage(spec, feats.layer_tokens, grid)
-    filt, n_candidates = filter_stage(spec, steps, se.mask0, roles, external)
+    filt, n_candidates = filter_stage(spec, steps, se.mask0, roles, external, grid)
     patch_map = fusion_stage(spec, se.seg_prob, filt.step_scores, filt.n_ref).reshape(b, *grid)
     pixel_maps = maps_stage(spec, patch_map, (s_h, s_w))
     res = DetectResult(score_stage(spec, se.cls_score, pixel_maps), pixel_maps, se.cls_score,
@@ -186,7 +188,7 @@ def stage_flops(spec: Spec, size: int, b: int, n_external: int = 0) -> dict:
          "lnamd": ficlip.lnamd_flops(b, n, c, conf.r_list, len(conf.feature_layers)),
          "mutual_filtering": ficlip.matching_flops(
              b, n, c, len(conf.feature_layers) * len(conf.r_list), n_external,
-             references.uses_batch_pairs(conf)),
+             references.uses_batch_pairs(conf), (g, g), conf.match_window),
          "maps": maps.flops(b, g, size)}
   out["end_to_end"] = sum(out.values())
   return out

@@ -125,3 +125,15 @@ def test_bank_with_a_match_window_equals_the_reference(setup):  # noqa: F811
 def test_a_negative_window_is_refused():
   with pytest.raises(ValueError, match="match_window"):
     fj.FiSeConfig(match_window=-1)
+
+
+def test_a_stream_with_a_match_window_equals_the_reference(setup):  # noqa: F811
+  images, params, _, text = setup
+  conf = CONF.replace(stream_window=2, match_window=1)
+  ring = fj.empty_stream(TEXT_CFG, conf)
+  roles = fj.make_roles(np.ones(4, bool), np.ones(4, bool), np.arange(4))
+  res, _ = fj.score_stream(params, TEXT_CFG, conf, images[:4], roles, text, ring)
+  want = numpy_reference(params, images[:4], text, conf, np.ones(4, bool), mode="rolling",
+                         window=2, positions=np.arange(4))
+  np.testing.assert_array_equal(np.asarray(res.n_candidates), [0, 1, 2, 2])
+  assert_close(res, want)

@@ -25,7 +25,8 @@ LIGHT = ["fiseclip_jax", "fiseclip_jax.core.config", "fiseclip_jax.core.errors",
          "fiseclip_jax.cli.export", "fiseclip_jax.cli.serve", "fiseclip_jax.cli.serve_load",
          "fiseclip_jax.deploy.bundle_header", "fiseclip_jax.deploy.export_format",
          "fiseclip_jax.deploy.gather", "fiseclip_jax.deploy.intake", "fiseclip_jax.deploy.load",
-         "fiseclip_jax.deploy.serve_config"]
+         "fiseclip_jax.deploy.serve_config", "fiseclip_jax.cli.stress",
+         "fiseclip_jax.bench.stress_config"]
 
 
 def modules():

@@ -196,3 +196,13 @@ def serve_engine() -> types.SimpleNamespace:
                              '"fiseclip-jax[serve]" (fastapi, uvicorn)') from None
   return types.SimpleNamespace(predictor=predictor, service=service, warm_up=service.warm_up,
                                uvicorn_serve=service.serve)
+
+
+def stress_engine() -> types.SimpleNamespace:
+  """The JAX side of the stress benchmark: the scorer's towers and mesh, the stress cells."""
+  import jax  # pylint: disable=import-outside-toplevel  (the crossing)
+  from fiseclip_jax.bench import stress  # pylint: disable=import-outside-toplevel
+  from fiseclip_jax.data import preprocess  # pylint: disable=import-outside-toplevel
+  from fiseclip_jax.run import sharding, towers  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(jax=jax, stress=stress, preprocess=preprocess, sharding=sharding,
+                               towers=towers)

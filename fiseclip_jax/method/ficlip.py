@@ -181,16 +181,24 @@ def aggregate(d: Array, refs: Array, topk_frac: float, agg: str,
   """
   n_ref = refs.sum(axis=1).astype(jnp.int32)                                # (B,)
   d = jnp.where(refs[None, :, :, None], d, jnp.inf)
-  count = (jnp.isfinite(d).sum(axis=2).astype(jnp.int32) if per_patch       # (G, B, N)
-           else n_ref[None, :, None])                                        # (1, B, 1)
+  if per_patch:
+    count = jnp.isfinite(d).sum(axis=2).astype(jnp.int32)                   # (G, B, N)
+    if agg == "min":
+      s = d.min(axis=2)
+    else:
+      k = topk_count(count, topk_frac, d.shape[2])                           # (G, B, N)
+      ds = jnp.sort(d, axis=2)
+      first_k = jnp.arange(d.shape[2])[None, None, :, None] < k[:, :, None]  # (G, B, R, N)
+      s = jnp.where(first_k, ds, 0.0).sum(axis=2) / k
+    return jnp.where(count > 0, s, 0.0), n_ref
   if agg == "min":
     s = d.min(axis=2)
   else:
-    k = topk_count(count, topk_frac, d.shape[2])
+    k = topk_count(n_ref, topk_frac, d.shape[2])
     ds = jnp.sort(d, axis=2)                                                 # refs ascending
-    first_k = jnp.arange(d.shape[2])[None, None, :, None] < k[:, :, None]    # (G|1, B, R, N|1)
-    s = jnp.where(first_k, ds, 0.0).sum(axis=2) / k
-  return jnp.where(count > 0, s, 0.0), n_ref
+    first_k = jnp.arange(d.shape[2])[None, :, None] < k[:, None, None]      # (B, R, 1)
+    s = jnp.where(first_k[None], ds, 0.0).sum(axis=2) / k[None, :, None]
+  return jnp.where(n_ref[None, :, None] > 0, s, 0.0), n_ref
 
 
 def mutual_scores(feats: Array, exclude: Array, valid: Array, topk_frac: float = 0.3,

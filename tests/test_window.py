@@ -56,6 +56,28 @@ def test_batch_pairs_in_a_window_equal_brute_force(w):
   assert np.isinf(d[:, 0, 3]).any() and np.isfinite(d[:, 0, 3]).any()   # the corner's window
 
 
+@pytest.mark.parametrize("w", [1, 2])
+def test_tiles_of_a_larger_grid_equal_brute_force(w):
+  """The tiled path itself (the programs take it at large grids, a mask on the full matmul at
+  small ones), rows and columns, with masks, on a grid that does not divide into tiles."""
+  grid = (11, 13)
+  rng = np.random.RandomState(20 + w)
+  f = rng.randn(2, 2, grid[0] * grid[1], 6)
+  f /= np.linalg.norm(f, axis=-1, keepdims=True)
+  ex = rng.rand(2, grid[0] * grid[1]) < 0.5
+  x = jnp.asarray(f, jnp.float32)
+  norms = ficlip.sq_norms(x)
+  rows, cols = window.pair_distances(x[:, 0], x[:, 1], norms[:, 0], norms[:, 1], jnp.asarray(ex[0]),
+                                     jnp.asarray(ex[1]), grid, w)
+  for gi in range(2):
+    for got, (a, b) in ((rows, (0, 1)), (cols, (1, 0))):
+      want = brute_force(f[gi, a], f[gi, b], ex[b], grid, w)
+      fin = np.isfinite(want)
+      np.testing.assert_array_equal(np.isfinite(np.asarray(got[gi])), fin)
+      np.testing.assert_allclose(np.asarray(got[gi])[fin], want[fin], atol=TOL, rtol=0)
+  assert window.strategy((37, 37), w) == "tiled" and window.strategy((14, 14), w) == "masked"
+
+
 @pytest.mark.parametrize("w", [0, 2])
 def test_external_references_in_a_window_equal_brute_force(w):
   rng = np.random.RandomState(10 + w)
@@ -89,12 +111,21 @@ def test_a_window_covering_the_grid_is_unrestricted_matching():
   np.testing.assert_allclose(np.asarray(cols), np.asarray(free[:, 1, 0]), atol=TOL, rtol=0)
 
 
-def test_a_window_counts_each_offset_once():
-  assert len(window.offsets(2)) == 25 and window.offsets(0).tolist() == [[0, 0]]
-  assert window.window_positions((3, 5), 0) == 15
-  assert window.window_positions((3, 5), 4) == 15 * 15
-  flops = ficlip.matching_flops(4, 15, 8, 12, grid=GRID, match_window=1)
-  assert flops == 6 * 12 * 2.0 * 15 * 9 * 8
+def test_the_tiles_hold_every_neighbour_and_the_flops_count_them():
+  for grid, w in (((3, 5), 0), ((3, 5), 1), ((7, 4), 2), ((37, 37), 4)):
+    tl = window.tiling(grid, w)
+    big_h, big_w = tl.padded
+    qy, qx = np.divmod(tl.queries, big_w)                 # (T, t^2)
+    ry, rx = np.divmod(tl.regions, big_w)                 # (T, R^2)
+    near = (np.abs(qy[:, :, None] - ry[:, None, :]) <= w) & (np.abs(qx[:, :, None] - rx[:, None, :]) <= w)
+    assert (near == tl.near[None]).all()                  # the mask is the window
+    assert (near.sum(axis=2) == (2 * w + 1) ** 2).all()   # every neighbour is in the region
+    inside = (qy >= w) & (qy < w + grid[0]) & (qx >= w) & (qx < w + grid[1])
+    assert inside.sum() == grid[0] * grid[1] and len(set(tl.queries[inside].tolist())) == inside.sum()
+  flops = ficlip.matching_flops(4, 1369, 8, 12, grid=(37, 37), match_window=1)
+  assert flops == 6 * 12 * 2.0 * (13 * 13 * 9 * 25) * 8  # 13 x 13 tiles of 3 x 3, regions 5 x 5
+  assert ficlip.matching_flops(4, 15, 8, 12, grid=GRID, match_window=1) == \
+      ficlip.matching_flops(4, 15, 8, 12)                # masked: the full matmul
   assert ficlip.matching_flops(4, 15, 8, 12, grid=GRID, match_window=4) == \
       ficlip.matching_flops(4, 15, 8, 12)
 

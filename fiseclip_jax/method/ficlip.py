@@ -67,8 +67,14 @@ def _divisor_chunk(n: int, most: int) -> int:
 
 def windowed(grid: Optional[Tuple[int, int]], match_window: Optional[int]) -> bool:
   """Whether matching is restricted: a window that does not cover the whole grid."""
-  return match_window is not None and grid is not None and \
-      not window_lib.covers_grid(match_window, grid)
+  return window_lib.strategy(grid, match_window) != "all"
+
+
+def _far(grid, match_window) -> Optional[Array]:
+  """(N, N) bool of the pairs a "masked" window leaves out; None otherwise."""
+  if window_lib.strategy(grid, match_window) != "masked":
+    return None
+  return jnp.asarray(~window_lib.near_matrix(tuple(grid), int(match_window)))
 
 
 def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8,
@@ -91,11 +97,15 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8,
   chunk = _divisor_chunk(p, pair_chunk)
   pu, pv = iu.reshape(p // chunk, chunk), iv.reshape(p // chunk, chunk)
 
+  far = _far(grid, match_window)
+
   def one_pair(u, v):
-    if windowed(grid, match_window):
+    if window_lib.strategy(grid, match_window) == "tiled":
       return window_lib.pair_distances(feats[:, u], feats[:, v], norms[:, u], norms[:, v],
                                        exclude[u], exclude[v], grid, match_window)
     d2 = _sq_dists(feats[:, u], feats[:, v], norms[:, u], norms[:, v])      # (G, N, N)
+    if far is not None:
+      d2 = jnp.where(far[None], jnp.inf, d2)
     rows = jnp.min(jnp.where(exclude[v][None, None, :], jnp.inf, d2), axis=2)   # u vs v's kept
     cols = jnp.min(jnp.where(exclude[u][None, :, None], jnp.inf, d2), axis=1)   # v vs u's kept
     return jnp.sqrt(jnp.maximum(rows, 0.0)), jnp.sqrt(jnp.maximum(cols, 0.0))
@@ -125,12 +135,16 @@ def external_min_distances(feats: Array, ext_feats: Array, ext_exclude: Array,
   pu = np.repeat(np.arange(b), k).reshape(p // chunk, chunk)
   pk = np.tile(np.arange(k), b).reshape(p // chunk, chunk)
 
+  far = _far(grid, match_window)
+
   def one_pair(u, e):
-    if windowed(grid, match_window):
+    if window_lib.strategy(grid, match_window) == "tiled":
       return window_lib.pair_distances(feats[:, u], ext_feats[:, e], norms[:, u],
                                        ext_norms[:, e], jnp.zeros((n,), bool), ext_exclude[e],
                                        grid, match_window, both=False)
     d2 = _sq_dists(feats[:, u], ext_feats[:, e], norms[:, u], ext_norms[:, e])   # (G, N, M)
+    if far is not None:
+      d2 = jnp.where(far[None], jnp.inf, d2)
     rows = jnp.min(jnp.where(ext_exclude[e][None, None, :], jnp.inf, d2), axis=2)
     return jnp.sqrt(jnp.maximum(rows, 0.0))
 
@@ -301,9 +315,9 @@ def matching_flops(b: int, n: int, c: int, n_maps: int, n_external: int = 0,
                    batch_pairs: bool = True, grid: Optional[Tuple[int, int]] = None,
                    match_window: Optional[int] = None) -> float:
   """One N x N x C matmul per pair and map: each unordered batch pair once, each (slot, external
-  reference) pair once, over all filtering steps. With a match window, the (2w + 1)^2 shifted
-  products of C per patch (the padded offsets are computed too: fixed shapes)."""
+  reference) pair once, over all filtering steps. With a match window, each tile's patches
+  against its region's (`method/window.py`; the padding of the tiles is computed too)."""
   pairs = (b * (b - 1) / 2 if batch_pairs else 0) + b * n_external
-  if windowed(grid, match_window):
-    return pairs * n_maps * 2.0 * n * len(window_lib.offsets(match_window)) * c
+  if window_lib.strategy(grid, match_window) == "tiled":
+    return pairs * n_maps * 2.0 * window_lib.compared_positions(grid, match_window) * c
   return pairs * n_maps * 2.0 * n * n * c

@@ -70,9 +70,9 @@ def windowed(grid: Optional[Tuple[int, int]], match_window: Optional[int]) -> bo
   return window_lib.strategy(grid, match_window) != "all"
 
 
-def _far(grid, match_window) -> Optional[Array]:
+def _far(how: str, grid, match_window) -> Optional[Array]:
   """(N, N) bool of the pairs a "masked" window leaves out; None otherwise."""
-  if window_lib.strategy(grid, match_window) != "masked":
+  if how != "masked":
     return None
   return jnp.asarray(~window_lib.near_matrix(tuple(grid), int(match_window)))
 
@@ -97,10 +97,11 @@ def pair_min_distances(feats: Array, exclude: Array, pair_chunk: int = 8,
   chunk = _divisor_chunk(p, pair_chunk)
   pu, pv = iu.reshape(p // chunk, chunk), iv.reshape(p // chunk, chunk)
 
-  far = _far(grid, match_window)
+  how = window_lib.strategy(grid, match_window)
+  far = _far(how, grid, match_window)
 
   def one_pair(u, v):
-    if window_lib.strategy(grid, match_window) == "tiled":
+    if how == "tiled":
       return window_lib.pair_distances(feats[:, u], feats[:, v], norms[:, u], norms[:, v],
                                        exclude[u], exclude[v], grid, match_window)
     d2 = _sq_dists(feats[:, u], feats[:, v], norms[:, u], norms[:, v])      # (G, N, N)
@@ -135,10 +136,11 @@ def external_min_distances(feats: Array, ext_feats: Array, ext_exclude: Array,
   pu = np.repeat(np.arange(b), k).reshape(p // chunk, chunk)
   pk = np.tile(np.arange(k), b).reshape(p // chunk, chunk)
 
-  far = _far(grid, match_window)
+  how = window_lib.strategy(grid, match_window)
+  far = _far(how, grid, match_window)
 
   def one_pair(u, e):
-    if window_lib.strategy(grid, match_window) == "tiled":
+    if how == "tiled":
       return window_lib.pair_distances(feats[:, u], ext_feats[:, e], norms[:, u],
                                        ext_norms[:, e], jnp.zeros((n,), bool), ext_exclude[e],
                                        grid, match_window, both=False)
@@ -195,24 +197,16 @@ def aggregate(d: Array, refs: Array, topk_frac: float, agg: str,
   """
   n_ref = refs.sum(axis=1).astype(jnp.int32)                                # (B,)
   d = jnp.where(refs[None, :, :, None], d, jnp.inf)
-  if per_patch:
-    count = jnp.isfinite(d).sum(axis=2).astype(jnp.int32)                   # (G, B, N)
-    if agg == "min":
-      s = d.min(axis=2)
-    else:
-      k = topk_count(count, topk_frac, d.shape[2])                           # (G, B, N)
-      ds = jnp.sort(d, axis=2)
-      first_k = jnp.arange(d.shape[2])[None, None, :, None] < k[:, :, None]  # (G, B, R, N)
-      s = jnp.where(first_k, ds, 0.0).sum(axis=2) / k
-    return jnp.where(count > 0, s, 0.0), n_ref
+  count = (jnp.isfinite(d).sum(axis=2).astype(jnp.int32) if per_patch       # (G, B, N)
+           else n_ref[None, :, None])                                        # (1, B, 1)
   if agg == "min":
     s = d.min(axis=2)
   else:
-    k = topk_count(n_ref, topk_frac, d.shape[2])
+    k = topk_count(count, topk_frac, d.shape[2])
     ds = jnp.sort(d, axis=2)                                                 # refs ascending
-    first_k = jnp.arange(d.shape[2])[None, :, None] < k[:, None, None]      # (B, R, 1)
-    s = jnp.where(first_k[None], ds, 0.0).sum(axis=2) / k[None, :, None]
-  return jnp.where(n_ref[None, :, None] > 0, s, 0.0), n_ref
+    first_k = jnp.arange(d.shape[2])[None, None, :, None] < k[:, :, None]    # (G|1, B, R, N|1)
+    s = jnp.where(first_k, ds, 0.0).sum(axis=2) / k
+  return jnp.where(count > 0, s, 0.0), n_ref
 
 
 def mutual_scores(feats: Array, exclude: Array, valid: Array, topk_frac: float = 0.3,

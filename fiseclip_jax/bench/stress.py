@@ -59,19 +59,19 @@ def run(model, conf, text, goods: np.ndarray, bank_images: np.ndarray, defect: D
         sc: StressConfig, log=print) -> List[dict]:
   """Every (references, aggregation, placement, k) cell: its metrics and per-image scores."""
   rows = []
-  banks = {}
+  # A bank is bound to the towers and the features (`Spec.built_under`), not to the reference
+  # mode or the aggregation: one serves every cell.
+  bank = None
+  if {"bank", "both"} & set(sc.references):
+    bank = model.build_bank(conf.replace(references="both"), bank_images)
   for refs in sc.references:
     for agg in sc.ref_aggs:
       c = conf.replace(references=refs, ref_agg=agg)
-      bank = None
-      if refs in ("bank", "both"):
-        if agg not in banks:
-          banks[agg] = model.build_bank(c, bank_images)
-        bank = banks[agg]
       for placement in sc.placements:
         for k in sc.repeats:
           images, masks, carriers = stressed_batch(goods, defect, k, placement, sc.seed + k)
-          res = model.detect(c, images, np.ones(len(images), bool), text, bank)
+          res = model.detect(c, images, np.ones(len(images), bool), text,
+                             bank if refs in ("bank", "both") else None)
           maps = np.asarray(res.anomaly_maps, np.float32)
           scores = np.asarray(res.image_scores, np.float64)
           row = {"references": refs, "ref_agg": agg, "placement": placement, "k": k,

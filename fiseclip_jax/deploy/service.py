@@ -94,23 +94,19 @@ class Kept:
     return pic
 
 
+ENCODING = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}}
+
+
 def _encoded(a: np.ndarray, fmt: str, mode: Optional[str] = None) -> bytes:
   buf = io.BytesIO()
-  if fmt == "JPEG":
-    Image.fromarray(a, mode=mode).save(buf, format="JPEG", quality=90)
-  else:
-    Image.fromarray(a, mode=mode).save(buf, format="PNG", compress_level=1)
+  Image.fromarray(a, mode=mode).save(buf, format=fmt, **ENCODING[fmt])
   return buf.getvalue()
 
 
 def shown(image: Image.Image, p, pixel_threshold: Optional[float], side: int) -> Shown:
   """A part at the page's size: the longest side at most `side`."""
-  w, h = image.size
-  small = image
-  if max(w, h) > side:
-    f = side / max(w, h)
-    small = image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS)
-  rgb = np.asarray(small)
+  size = overlays.shrunk_size((image.height, image.width), side)
+  rgb = np.asarray(image if size is None else image.resize(size, Image.Resampling.LANCZOS))
   m = overlays.resize_map(p.map, rgb.shape[:2]).astype(np.float16)
   return Shown(rgb, m, p.score, decisions.part_pixel_threshold(p.score, p.threshold,
                                                                pixel_threshold))
@@ -160,7 +156,6 @@ def make_app(predictor: Predictor, config: ServeConfig = ServeConfig()) -> FastA
 
   app = FastAPI(title="fiseclip-serve", version=__version__, docs_url=None, redoc_url=None,
                 openapi_url=None, lifespan=lifespan)
-  app.state.worker, app.state.kept = worker, kept
 
   def authorized(request: Request) -> bool:
     if not config.token:

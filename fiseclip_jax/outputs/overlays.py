@@ -201,16 +201,24 @@ def read_original(image_path: str) -> np.ndarray:
   return np.asarray(read_rgb(image_path))
 
 
+def shrunk_size(hw: Tuple[int, int], max_side: Optional[int]) -> Optional[Tuple[int, int]]:
+  """(width, height) of an (H, W) image shrunk to a longest side of max_side; None when it fits
+  (or max_side is None)."""
+  h, w = hw
+  if not max_side or max(h, w) <= max_side:
+    return None
+  f = max_side / max(h, w)
+  return max(1, round(w * f)), max(1, round(h * f))
+
+
 def save_overlay(path: str, rgb: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale,
                  threshold: Optional[float] = None, score: Optional[float] = None,
                  ground_truth: Optional[np.ndarray] = None, max_side: Optional[int] = None,
                  legend: bool = False) -> None:
   """Write the overlay of an image (`read_original`'s array) as PNG at its own size (or shrunk to
   max_side), with the legend strip under it if asked."""
-  h, w = rgb.shape[:2]
-  if max_side and max(h, w) > max_side:     # shrink first, so the lines and text keep their size
-    f = max_side / max(h, w)
-    size = (max(1, round(w * f)), max(1, round(h * f)))
+  size = shrunk_size(rgb.shape[:2], max_side)
+  if size is not None:                      # shrink first, so the lines and text keep their size
     rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
     if ground_truth is not None:
       ground_truth = np.asarray(Image.fromarray(ground_truth.astype(np.uint8) * 255).resize(

@@ -197,15 +197,22 @@ def test_detect_with_a_fiCLIP_tower_of_our_own_beside_it(setup):
   assert np.isfinite(np.asarray(alone.image_scores)).all() and not np.asarray(alone.cls_score).any()
 
 
-def test_bank_and_stream_with_our_towers(setup):
+def bank_case(setup, conf):
+  """(detect, the reference) of images[:3] against a bank of images[3:] under conf (references
+  "both"), FiCLIP's tower beside CLIP."""
   images, params, fi_params, text = setup
-  conf = CONF.replace(references="both")
   bank = fj.build_bank(params, TEXT_CFG, conf, images[3:], fi_params=fi_params, fi_cfg=FI_CFG)
   out = fj.detect(params, TEXT_CFG, conf, images[:3], np.ones(3, bool), text, bank,
                   fi_params=fi_params, fi_cfg=FI_CFG)
   bank_tokens = fj.encode_image(fi_params, FI_CFG, images[3:], conf.feature_layers).layer_tokens
   want = numpy_reference(params, images[:3], text, conf, np.ones(3, bool), (FI_CFG, fi_params),
                          mode="both", bank_tokens=np.asarray(bank_tokens))
+  return out, want
+
+
+def test_bank_and_stream_with_our_towers(setup):
+  images, params, _, text = setup
+  out, want = bank_case(setup, CONF.replace(references="both"))
   assert_close(out, want)
   np.testing.assert_array_equal(np.asarray(out.n_candidates), [4, 4, 4])
   stream = CONF.replace(stream_window=2)

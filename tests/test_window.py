@@ -9,7 +9,8 @@ import pytest
 
 import fiseclip_jax as fj
 from fiseclip_jax.method import ficlip, window
-from test_extension import CONF, FI_CFG, TEXT_CFG, assert_close, numpy_reference, setup  # noqa: F401
+from test_extension import (CONF, TEXT_CFG, assert_close, bank_case, numpy_reference,  # noqa: F401
+                            setup)
 
 GRID = (3, 5)                 # non-square: a transposed index shows
 # float32 sums of products (the windowed path) against float64 brute force.
@@ -142,15 +143,7 @@ def test_detect_with_a_match_window_equals_the_reference(setup, w):  # noqa: F81
 
 
 def test_bank_with_a_match_window_equals_the_reference(setup):  # noqa: F811
-  images, params, fi_params, text = setup
-  conf = CONF.replace(references="both", match_window=1)
-  bank = fj.build_bank(params, TEXT_CFG, conf, images[3:], fi_params=fi_params, fi_cfg=FI_CFG)
-  out = fj.detect(params, TEXT_CFG, conf, images[:3], np.ones(3, bool), text, bank,
-                  fi_params=fi_params, fi_cfg=FI_CFG)
-  bank_tokens = fj.encode_image(fi_params, FI_CFG, images[3:], conf.feature_layers).layer_tokens
-  want = numpy_reference(params, images[:3], text, conf, np.ones(3, bool), (FI_CFG, fi_params),
-                         mode="both", bank_tokens=np.asarray(bank_tokens))
-  assert_close(out, want)
+  assert_close(*bank_case(setup, CONF.replace(references="both", match_window=1)))
 
 
 def test_a_negative_window_is_refused():

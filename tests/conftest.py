@@ -1,4 +1,4 @@
-"""Shared test set-up: float32 matmuls at full precision, a compilation cache shared with the
+"""Shared test set-up: float32 matmuls at full precision, a compilation cache shared by the
 programs the tests start, the shared data folder, a random HF CLIP."""
 import atexit
 import os
@@ -21,6 +21,11 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The cache is for the programs the tests start, not for this process, whose jit caches keep
+# what it compiled: writing an entry serializes the executable, and this long-lived process
+# crashed twice inside XLA's serialize (a segfault, then an abort, in the full suite only, never
+# in a part of it). Off here; the processes it starts inherit the variables above and keep it.
+jax.config.update("jax_enable_compilation_cache", False)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -33,6 +33,7 @@ from fiseclip_jax.cli.progress import COMPILING, Progress
 from fiseclip_jax.outputs.page import plural
 from fiseclip_jax.data.order import draw, shuffled
 from fiseclip_jax.data.tables import DATASETS, Dataset
+from fiseclip_jax.data.tiles import frame_size
 from fiseclip_jax.outputs import category as category_outputs
 from fiseclip_jax.outputs import results
 from fiseclip_jax.outputs.provenance import versions
@@ -47,6 +48,7 @@ def define_flags(dataset: Optional[str] = None) -> None:
   options.define_run_flags("the benchmark's")
   options.define_bank_flags()
   options.define_method_flags(("batch", "bank", "both"), exclude=("stream_window",))
+  options.define_tile_flags()
   flags.DEFINE_bool("top_up", True, "Fill a category's short last batch with already-scored images "
                     "as references only, so every image has B - 1 (--notop_up: the paper's batching).")
   flags.DEFINE_string("class_name", None, "One object name in every category's prompts (default: "
@@ -99,8 +101,9 @@ class Plan(NamedTuple):
   unreadable: list    # paths found unreadable by the header check (skipped)
 
 
-def plan(ds: Dataset, ckpts: runtime.Checkpoints) -> Dict[str, Plan]:
-  """Every category's samples and bank, every file and class name checked (no pixel decoded)."""
+def plan(ds: Dataset, ckpts: runtime.Checkpoints, tiling=None) -> Dict[str, Plan]:
+  """Every category's samples and bank, every file and class name checked (no pixel decoded);
+  with tiles, every category's frames of one size."""
   out = {}
   min_side = runtime.min_image_side(ckpts)
   for cat in _categories(ds):
@@ -116,15 +119,24 @@ def plan(ds: Dataset, ckpts: runtime.Checkpoints) -> Dict[str, Plan]:
       problems = data.check_files(bank, min_side)
       if problems:
         raise problems[0].error
+    readable = [s for s in samples if s.path not in bad]
+    if tiling is not None and readable:   # one frame size per category, the bank's too (§17)
+      hw = frame_size(readable, f"category {cat}")
+      if bank and frame_size(bank, f"category {cat}'s known-good images") != hw:
+        raise data.BadInputError(f"--tile: category {cat}'s known-good image {bank[0].path} is "
+                                 f"not the size of its test images ({hw[1]}x{hw[0]}, WxH)")
     out[cat] = Plan(samples, bank, bad)
   return out
 
 
 def identity(ds: Dataset, conf, ckpts: runtime.Checkpoints) -> dict:
   """The settings a run's numbers depend on (a resumed run must have the same)."""
-  return {"dataset": ds.name, "data_root": os.path.abspath(FLAGS.data_root),
-          "config": conf.to_dict(), **ckpts.identity(), "seed": FLAGS.seed,
-          "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot, "top_up": FLAGS.top_up}
+  ident = {"dataset": ds.name, "data_root": os.path.abspath(FLAGS.data_root),
+           "config": conf.to_dict(), **ckpts.identity(), "seed": FLAGS.seed,
+           "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot, "top_up": FLAGS.top_up}
+  if FLAGS.tile is not None:         # only then: an untiled run keeps the identity it had
+    ident["tiles"] = {"tile": FLAGS.tile, "overlap": FLAGS.tile_overlap}
+  return ident
 
 
 def run(ds: Optional[Dataset] = None) -> Dict[str, dict]:
@@ -132,23 +144,25 @@ def run(ds: Optional[Dataset] = None) -> Dict[str, dict]:
   ds = ds or dataset()
   has_bank = FLAGS.k_shot > 0
   options.check_run_flags(has_bank, FLAGS.references)
+  tiling = options.tiling()
   if not FLAGS.data_root:
     raise UsageError(f"--data_root is required (the {ds.name} folder)")
   conf = options.fise_config(FLAGS.platform or "cpu", has_bank)     # ranges first; dtype once JAX is up
   ckpts = runtime.read_checkpoints()
   runtime.check_model(conf, ckpts)
-  plans = plan(ds, ckpts)
+  plans = plan(ds, ckpts, tiling)
   backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = identity(ds, conf, ckpts)
   done = prepare_out(FLAGS.out, ident, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                      record=results.RESULTS_JSON, needs="categories",
                      exclusive=runtime.engine().jax.process_index() == 0)
-  return score_categories(ds, conf, ckpts, plans, ident, dict(done["categories"]) if done else {})
+  return score_categories(ds, conf, ckpts, plans, ident, dict(done["categories"]) if done else {},
+                          tiling)
 
 
 def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: dict,
-                     done: Dict[str, dict]) -> Dict[str, dict]:
+                     done: Dict[str, dict], tiling=None) -> Dict[str, dict]:
   e = runtime.engine()
   devices = runtime.devices()
   mesh = e.sharding.make_mesh(devices)
@@ -159,7 +173,9 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
         f"{plural(e.jax.process_count(), 'process', 'processes')}, batch {FLAGS.batch_size}, "
         f"{conf.image_size}px, "
         f"{conf.compute_dtype}, references {conf.references}"
-        + (f" (k_shot {FLAGS.k_shot})" if FLAGS.k_shot else ""))
+        + (f" (k_shot {FLAGS.k_shot})" if FLAGS.k_shot else "")
+        + (f", tiles of {tiling.tile}px (overlap {tiling.overlap}) at each image's own size"
+           if tiling else ""))
   header = {"identity": ident, "dataset": ds.name, "data_root": ident["data_root"],
             "config": conf.to_dict(), "model_config": dataclasses.asdict(ckpts.cfg),
             "checkpoint": ckpts.checkpoint, "fi_checkpoint": ckpts.fi_checkpoint,
@@ -175,7 +191,6 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
       continue
     t0 = time.time()
     text = e.towers.text_features(model, ds.class_name(cat), conf)
-    bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
     bad = set(p.unreadable)
     samples = [s for s in p.samples if s.path not in bad]
     # Multi-host: whole batches are dealt to processes, so every batch keeps its images together.
@@ -184,11 +199,18 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
     progress = Progress(len(samples), f"  {cat}", enabled=FLAGS.progress and is_main,
                         waiting=None if compiled else COMPILING)
     compiled = True
-    scored = e.scoring.score_samples(
-        [samples[i] for i in mine_index], indices=mine_index, model=model, conf=conf,
-        text=text, mesh=mesh, batch_size=FLAGS.batch_size, bank=bank,
-        top_up_pool=samples if FLAGS.top_up else None, with_masks=True, keep_maps=True,
-        skip_bad_images=FLAGS.skip_bad_images, on_progress=progress.update, on_skip=warn_skip)
+    common = dict(indices=mine_index, model=model, conf=conf, text=text, mesh=mesh,
+                  batch_size=FLAGS.batch_size, top_up_pool=samples if FLAGS.top_up else None,
+                  with_masks=True, keep_maps=True, skip_bad_images=FLAGS.skip_bad_images,
+                  on_progress=progress.update, on_skip=warn_skip)
+    mine = [samples[i] for i in mine_index]
+    if tiling is None:
+      bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
+      scored = e.scoring.score_samples(mine, bank=bank, **common)
+    else:
+      hw = frame_size(samples, f"category {cat}") if samples else None
+      banks = e.tiled.banks_on(model, conf, p.bank, tiling, hw, mesh) if p.bank else None
+      scored = e.tiled.score_tiled(mine, tiling=tiling, banks=banks, **common)
     progress.close()
     scored = scored.gather().sorted()
     if not is_main:

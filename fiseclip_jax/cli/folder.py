@@ -38,6 +38,7 @@ from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.cli.progress import COMPILING, Progress
 from fiseclip_jax.core.errors import BadInputError
 from fiseclip_jax.data.order import draw
+from fiseclip_jax.data.tiles import frame_size
 from fiseclip_jax.outputs import decisions, overlays
 from fiseclip_jax.outputs.batch_log import BatchLog
 from fiseclip_jax.outputs.files import write_csv, write_json
@@ -58,6 +59,7 @@ def define_flags() -> None:
   options.define_bank_flags("--normal_images (default: all of them)",
                             "Seed of the --k_shot draw from --normal_images.")
   options.define_method_flags()
+  options.define_tile_flags()
   flags.DEFINE_string("images", None, "Required: the folder of images to score.")
   flags.DEFINE_string("class_name", None, "Required: what the images show, as in the prompts (e.g. "
                       "'metal nut').")
@@ -110,6 +112,7 @@ def _check_flags() -> bool:
                      f"positive --pixel_threshold, got {FLAGS.pixel_threshold}")
   has_bank = bool(FLAGS.normal_images)
   options.check_run_flags(has_bank, FLAGS.references)
+  options.tiling(stream)
   return has_bank
 
 
@@ -211,6 +214,9 @@ def run() -> None:
   good_samples = _known_good(FLAGS.threshold_from, min_side) if FLAGS.threshold_from else []
   _check_apart(samples, "--images", bank_samples, "--normal_images")
   _check_apart(good_samples, "--threshold_from", bank_samples, "--normal_images")
+  tiling = options.tiling()
+  if tiling is not None:
+    _check_frames(samples, bank_samples, good_samples)
   backend = runtime.start()
   conf = options.fise_config(backend, has_bank)
   ident = {"images": os.path.abspath(FLAGS.images), "recursive": FLAGS.recursive,
@@ -225,17 +231,21 @@ def run() -> None:
            "normalized_scores": FLAGS.normalized_scores,
            "max_pixel_fpr": FLAGS.max_pixel_fpr if FLAGS.threshold_from else None,
            "map_range": FLAGS.map_range, "overlay_legend": FLAGS.overlay_legend}
+  if tiling is not None:             # only then: an untiled run keeps the identity it had
+    ident["tiles"] = {"tile": tiling.tile, "overlap": tiling.overlap}
   done = _prepare_out(ident)
   print(f"{len(samples)} image(s) in {FLAGS.images}" + (" and its sub-folders" if FLAGS.recursive else "")
         + (f"; {len(ignored)} other file(s) ignored" if ignored else "")
         + (f"; {len(unreadable)} unreadable, skipped" if unreadable else "")
         + f"; references {conf.references}"
         + (f" ({len(bank_samples)} known-good)" if bank_samples else "")
-        + (f" (the {conf.stream_window} before each image)" if conf.streaming else ""))
+        + (f" (the {conf.stream_window} before each image)" if conf.streaming else "")
+        + (f"; tiles of {tiling.tile}px (overlap {tiling.overlap}), each against the same tile "
+           "of the others" if tiling else ""))
   if len(samples) == 1 and conf.references == "batch":
     print("one image: no reference for feature matching, scoring with SeCLIP alone")
   t0 = time.time()
-  setup = _setup(conf, ckpts, bank_samples)
+  setup = _setup(conf, ckpts, bank_samples, tiling)
   decision = _decision(setup, conf, good_samples)
   _score(setup, conf, samples, done, decision)
   before = sum(r["status"] == "scored" for batch in done for r in batch)
@@ -245,22 +255,39 @@ def run() -> None:
     print(f"review page: {write_folder_report(FLAGS.out, FLAGS.images)}")
 
 
+def _check_frames(samples, bank_samples, good_samples) -> None:
+  """--tile: every image one size, the known-good ones too (headers only, before JAX starts)."""
+  if not samples:
+    return
+  hw = frame_size(samples, f"--images {FLAGS.images}")
+  for flag, others in (("--normal_images", bank_samples), ("--threshold_from", good_samples)):
+    if others and frame_size(others, flag) != hw:
+      raise UsageError(f"--tile: the images of {flag} are not the size of --images' "
+                       f"({hw[1]}x{hw[0]}, WxH): a tile is the same place on every image")
+
+
 class Setup(NamedTuple):
   engine: object
   model: object
   mesh: object
   text: object
-  bank: object
+  bank: object          # the bank on the mesh; tiled: one per tile position
+  tiling: object = None
 
 
-def _setup(conf, ckpts, bank_samples) -> Setup:
+def _setup(conf, ckpts, bank_samples, tiling=None) -> Setup:
   e = runtime.engine()
   devices = runtime.devices()[:1] if conf.streaming else runtime.devices()
   mesh = e.sharding.make_mesh(devices)
   model = runtime.model_on(ckpts, mesh)
   text = e.towers.text_features(model, FLAGS.class_name, conf)
-  bank = e.towers.bank_on(model, conf, bank_samples, mesh) if bank_samples else None
-  return Setup(e, model, mesh, text, bank)
+  bank = None
+  if bank_samples and tiling is not None:
+    bank = e.tiled.banks_on(model, conf, bank_samples, tiling, frame_size(bank_samples, "bank"),
+                            mesh)
+  elif bank_samples:
+    bank = e.towers.bank_on(model, conf, bank_samples, mesh)
+  return Setup(e, model, mesh, text, bank, tiling)
 
 
 def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_batch=None,
@@ -268,11 +295,13 @@ def _run_scoring(setup: Setup, conf, samples, *, pool=None, indices=None, on_bat
   """Score samples the way this run scores: its references, batches, top-up. pool: the whole
   list that `indices` point into (default: samples), which a short batch is topped up from."""
   pool = samples if pool is None else pool
-  return setup.engine.scoring.score(
-      samples, model=setup.model, conf=conf, text=setup.text, mesh=setup.mesh,
-      batch_size=FLAGS.batch_size, bank=setup.bank, top_up_pool=pool if FLAGS.top_up else None,
-      indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
-      on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
+  common = dict(model=setup.model, conf=conf, text=setup.text, mesh=setup.mesh,
+                batch_size=FLAGS.batch_size, top_up_pool=pool if FLAGS.top_up else None,
+                indices=indices, skip_bad_images=FLAGS.skip_bad_images, on_batch=on_batch,
+                on_progress=on_progress, on_skip=on_skip, keep_maps=keep_maps)
+  if setup.tiling is not None:
+    return setup.engine.tiled.score_tiled(samples, tiling=setup.tiling, banks=setup.bank, **common)
+  return setup.engine.scoring.score(samples, bank=setup.bank, **common)
 
 
 def _decision(setup: Setup, conf, good_samples) -> dict:

@@ -16,6 +16,7 @@ from absl import flags
 from fiseclip_jax import data
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.core.config import REFERENCE_MODES, ConfigError, FiSeConfig
+from fiseclip_jax.data.tiles import Tiling
 from fiseclip_jax.models.clip.config import VARIANTS
 from fiseclip_jax.outputs import decisions
 from fiseclip_jax.outputs.overlays import ColourScale
@@ -255,6 +256,34 @@ def define_bank_flags(source: str = "the category's training split",
   flags.DEFINE_integer("seed", 0, seed_help)
   check("k_shot", at_least(0), ">= 0 (0: no bank)")
   check("seed", lambda v: 0 <= v < 2 ** 32, "an integer in 0 .. 2^32 - 1")
+
+
+def define_tile_flags() -> None:
+  """--tile and --tile_overlap (DESIGN.md §17), the same in every program that tiles."""
+  flags.DEFINE_integer("tile", None, "Cut each image at its own resolution into square tiles of "
+                       "this many pixels (an image side no longer than it is one tile), score each "
+                       "tile against the same tile of the other images (and of the known-good "
+                       "images) and stitch the maps at the image's size; every image of a run (of "
+                       "a category) must have one size. Default: untiled, the whole image resized.")
+  flags.DEFINE_integer("tile_overlap", 0, "With --tile: the least overlap of neighbouring tiles in "
+                       "pixels; their maps are blended across it.")
+  check("tile", at_least(1), ">= 1 pixel")
+  check("tile_overlap", at_least(0), ">= 0 pixels")
+
+
+def tiling(streaming: bool = False) -> Optional[Tiling]:
+  """The tiles --tile and --tile_overlap ask for (None: untiled), checked against each other."""
+  if FLAGS.tile is None:
+    if FLAGS.tile_overlap:
+      raise UsageError("--tile_overlap is the overlap of tiles: it needs --tile")
+    return None
+  if FLAGS.tile_overlap >= FLAGS.tile:
+    raise UsageError(f"--tile_overlap {FLAGS.tile_overlap}: expected less than --tile "
+                     f"{FLAGS.tile}")
+  if streaming:
+    raise UsageError("--tile scores each tile against the same tile of other images in a batch "
+                     "or a bank; it does not take --references rolling")
+  return Tiling(FLAGS.tile, FLAGS.tile_overlap)
 
 
 def check_run_flags(has_bank: bool, references: Optional[str]) -> None:

@@ -131,10 +131,12 @@ def start() -> str:
 
 
 def engine() -> types.SimpleNamespace:
-  """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring and sharding."""
+  """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring (whole images
+  and tiles) and sharding."""
   import jax  # pylint: disable=import-outside-toplevel  (the crossing)
-  from fiseclip_jax.run import scoring, sharding, towers  # pylint: disable=import-outside-toplevel
-  return types.SimpleNamespace(jax=jax, scoring=scoring, sharding=sharding, towers=towers)
+  from fiseclip_jax.run import scoring, sharding, tiled, towers  # pylint: disable=import-outside-toplevel
+  return types.SimpleNamespace(jax=jax, scoring=scoring, sharding=sharding, tiled=tiled,
+                               towers=towers)
 
 
 def convert_engine() -> types.SimpleNamespace:

@@ -21,6 +21,8 @@ from fiseclip_jax.data.datasets import visa_samples
 from fiseclip_jax.data.datasets import visa_train_samples
 from fiseclip_jax.data.loader import Batch
 from fiseclip_jax.data.loader import iter_batches
+from fiseclip_jax.data.loader import load_sample
+from fiseclip_jax.data.loader import sample_mask
 from fiseclip_jax.core.errors import BadInputError
 from fiseclip_jax.data.preprocess import load_image
 from fiseclip_jax.data.preprocess import load_mask
@@ -47,7 +49,7 @@ __all__ = [
     "BTAD_LAYOUT", "Batch", "BadInputError", "DEMO_CATEGORY", "IMAGE_EXTENSIONS", "MVTEC_LAYOUT",
     "Sample", "VISA_LAYOUT", "btad_categories", "btad_samples",
     "btad_train_samples", "check_files", "class_name", "demo_root",
-    "folder_samples", "iter_batches", "list_folder", "load_image", "load_mask",
+    "folder_samples", "iter_batches", "list_folder", "load_image", "load_mask", "load_sample",
     "mvtec_categories", "mvtec_samples", "mvtec_train_samples", "preprocess_image", "read_rgb",
-    "read_size", "to_uint8", "to_uint8_rgb", "to_unit", "visa_categories", "visa_samples", "visa_train_samples",
+    "read_size", "sample_mask", "to_uint8", "to_uint8_rgb", "to_unit", "visa_categories", "visa_samples", "visa_train_samples",
 ]

@@ -38,11 +38,14 @@ class Sample:
 
   label: 1 defect, 0 good, -1 unknown (unlabeled). mask_path: the ground truth of a defective
   image, else None. defect: the defect type ('good' for normal images, '' when unlabeled).
+  box: (top, left, height, width) in the image's pixels: only that part is scored (a tile,
+  `data.tiles`), None: the whole image.
   """
   path: str
   label: int = -1
   mask_path: Optional[str] = None
   defect: str = ""
+  box: Optional[Tuple[int, int, int, int]] = None
 
 
 def class_name(category: str) -> str:

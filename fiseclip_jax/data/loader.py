@@ -20,7 +20,7 @@ import numpy as np
 
 from fiseclip_jax.data.datasets import Sample
 from fiseclip_jax.core.errors import BadInputError
-from fiseclip_jax.data.preprocess import load_mask, preprocess_image, read_rgb
+from fiseclip_jax.data.preprocess import crop, load_mask, preprocess_image, read_rgb
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,14 +53,28 @@ class _Decoded:
   error: Optional[BadInputError] = None
 
 
-def _sample_mask(sample: Sample, size: int, image_hw: Tuple[int, int]) -> np.ndarray:
-  """The (size, size) bool ground truth of a sample: all False unless it is defective."""
+def sample_mask(sample: Sample, size: Optional[int], image_hw: Tuple[int, int]) -> np.ndarray:
+  """The bool ground truth of a sample (its box of it), (size, size), or the box's (or image's)
+  own (height, width) when size is None: all False unless it is defective."""
   if sample.label != 1:
-    return np.zeros((size, size), bool)
+    shape = (size, size) if size is not None else (
+        tuple(image_hw) if sample.box is None else tuple(sample.box[2:]))
+    return np.zeros(shape, bool)
   if sample.mask_path is None:
     raise BadInputError(f"defective image {sample.path} has no mask path; pass with_masks=False "
                         "to score it without ground truth")
-  return load_mask(sample.mask_path, size, sample.path, image_hw)
+  return load_mask(sample.mask_path, size, sample.path, image_hw, sample.box)
+
+
+def sample_input(sample: Sample, rgb, image_size: int) -> np.ndarray:
+  """The towers' input (image_size, image_size, 3) of a sample from its decoded image: its box
+  (a tile) or all of it, resized."""
+  return preprocess_image(crop(rgb, sample.box), image_size)
+
+
+def load_sample(sample: Sample, image_size: int) -> np.ndarray:
+  """Reads a sample's image and returns its towers' input (`sample_input`)."""
+  return sample_input(sample, read_rgb(sample.path), image_size)
 
 
 def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool) -> _Decoded:
@@ -71,8 +85,8 @@ def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool) -> _Dec
     rgb = read_rgb(sample.path)
   except BadInputError as err:
     return _Decoded(sample, index, error=err)
-  image = preprocess_image(rgb, image_size)
-  mask = _sample_mask(sample, image_size, (rgb.height, rgb.width)) if with_masks else None
+  image = sample_input(sample, rgb, image_size)
+  mask = sample_mask(sample, image_size, (rgb.height, rgb.width)) if with_masks else None
   return _Decoded(sample, index, image, mask)
 
 

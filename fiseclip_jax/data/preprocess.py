@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -116,6 +116,18 @@ def read_rgb(path: PathLike) -> Image.Image:
         f"image {os.fspath(path)}: cannot convert mode {img.mode!r} to RGB ({err})") from err
 
 
+def crop(img: Image.Image, box: Optional[Tuple[int, int, int, int]]) -> Image.Image:
+  """The (top, left, height, width) part of an image (None: all of it); a box past the image's
+  edge is a caller's error."""
+  if box is None:
+    return img
+  top, left, h, w = box
+  if top < 0 or left < 0 or top + h > img.height or left + w > img.width or h < 1 or w < 1:
+    raise ValueError(f"box {box} (top, left, height, width) is not inside a "
+                     f"{img.width}x{img.height} (WxH) image")
+  return img.crop((left, top, left + w, top + h))
+
+
 def resize_rgb(img: Image.Image, size: int) -> Image.Image:
   """Bicubic resize to size x size, no crop (the aspect ratio is not kept)."""
   if img.size == (size, size):
@@ -158,13 +170,15 @@ def _defect_pixels(img: Image.Image) -> np.ndarray:
   return np.asarray(to_rgb(img)).max(axis=-1) != 0
 
 
-def load_mask(mask_path: PathLike, size: int, image_path: PathLike,
-              image_hw: Tuple[int, int]) -> np.ndarray:
-  """Reads a ground-truth mask as bool (size, size).
+def load_mask(mask_path: PathLike, size: Optional[int], image_path: PathLike,
+              image_hw: Tuple[int, int],
+              box: Optional[Tuple[int, int, int, int]] = None) -> np.ndarray:
+  """Reads a ground-truth mask as bool (size, size), or at its own size when size is None.
 
   Any non-zero value is defect (VisA stores class indices, MVTec 255). The mask must have its
-  image's original (H, W) = `image_hw`; it is resized as a 0/1 float map with PIL bilinear, then
-  thresholded at 0.5 (DESIGN.md §12).
+  image's original (H, W) = `image_hw`; box (top, left, height, width) keeps that part of it (a
+  tile); it is resized as a 0/1 float map with PIL bilinear, then thresholded at 0.5 (DESIGN.md
+  §12).
   """
   what = f"mask (of image {os.fspath(image_path)})"
   img = _open_decoded(mask_path, what)
@@ -179,7 +193,10 @@ def load_mask(mask_path: PathLike, size: int, image_path: PathLike,
   except (OSError, ValueError) as err:
     raise BadInputError(f"{what} {os.fspath(mask_path)}: cannot read mode {img.mode!r} ({err})"
                         ) from err
-  if mask_hw == (size, size):
+  if box is not None:
+    top, left, h, w = box
+    defect = defect[top:top + h, left:left + w]
+  if size is None or defect.shape == (size, size):
     return defect
   small = Image.fromarray(defect.astype(np.float32))
   small = small.resize((size, size), Image.Resampling.BILINEAR)

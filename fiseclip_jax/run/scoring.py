@@ -72,7 +72,7 @@ class Scored:
             "all_masked": int(self.seclip_only.sum()) - no_cand}
 
 
-class _Collector:
+class Collector:
   """Accumulates the query rows of batch results."""
 
   def __init__(self, keep_maps: bool, keep_masks: bool):
@@ -93,7 +93,8 @@ class _Collector:
     if self.keep_masks and r.batch.masks is not None:
       self.rows["masks"].append(r.batch.masks[q])
 
-  def result(self, size: int, skipped: List[str]) -> Scored:
+  def result(self, hw, skipped: List[str]) -> Scored:
+    """The rows so far; hw: a map's (H, W), the shape of empty maps and masks."""
     def cat(key, shape, dtype):
       xs = self.rows[key]
       return np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)
@@ -101,8 +102,8 @@ class _Collector:
         index=cat("index", (0,), np.int64), labels=cat("labels", (0,), np.int32),
         scores=cat("scores", (0,), np.float32), n_ref=cat("n_ref", (0,), np.int32),
         seclip_only=cat("seclip_only", (0,), bool), no_candidates=cat("no_candidates", (0,), bool),
-        maps=cat("maps", (0, size, size), np.float32) if self.keep_maps else None,
-        masks=cat("masks", (0, size, size), bool) if self.keep_masks else None, skipped=skipped)
+        maps=cat("maps", (0, *hw), np.float32) if self.keep_maps else None,
+        masks=cat("masks", (0, *hw), bool) if self.keep_masks else None, skipped=skipped)
 
 
 def _skip_recorder(skipped: List[str], also: Optional[Callable]) -> Callable:
@@ -129,7 +130,7 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
   for slot in free:
     for i in candidates:
       try:
-        batch.images[slot] = data.load_image(pool[i].path, image_size)
+        batch.images[slot] = data.load_sample(pool[i], image_size)
       except BadInputError as err:
         if not skip_bad_images:
           raise
@@ -179,7 +180,7 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
   size = conf.image_size
   skipped: List[str] = []
   on_skip = _skip_recorder(skipped, on_skip)
-  collect = _Collector(keep_maps, with_masks and keep_maps)
+  collect = Collector(keep_maps, with_masks and keep_maps)
   batches = data.iter_batches(samples, batch_size, size, with_masks=with_masks,
                               skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices)
   use_top_up = top_up_pool is not None and references.uses_batch_pairs(conf)
@@ -213,7 +214,7 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
     done += flush(pending)
     if on_progress is not None:
       on_progress(done)
-  return collect.result(size, skipped)
+  return collect.result((size, size), skipped)
 
 
 def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text, batch_size: int,
@@ -228,7 +229,7 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
   on `batch_size`."""
   skipped: List[str] = []
   on_skip = _skip_recorder(skipped, on_skip)
-  collect = _Collector(keep_maps, False)
+  collect = Collector(keep_maps, False)
   ring = model.empty_stream(conf)
   position = 0          # stream position: readable images in order (skipped ones take none)
   done = 0
@@ -245,7 +246,7 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
     done += n
     if on_progress is not None:
       on_progress(done)
-  return collect.result(conf.image_size, skipped)
+  return collect.result((conf.image_size,) * 2, skipped)
 
 
 def score(samples: Sequence[Sample], *, model: Model, conf, text, mesh, batch_size: int,

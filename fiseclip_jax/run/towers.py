@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from fiseclip_jax.convert.checkpoint import load_checkpoint
-from fiseclip_jax.data import load_image
+from fiseclip_jax.data import load_sample
 from fiseclip_jax.method import prompts
 from fiseclip_jax.method.api import Model
 from fiseclip_jax.method.references import External
@@ -39,8 +39,9 @@ def text_features(model: Model, class_name: str, conf):
 
 
 def load_images(samples, image_size: int) -> np.ndarray:
-  """(K, S, S, 3) inputs of a few samples (a bank), decoded in order; errors name the file."""
-  return np.stack([load_image(s.path, image_size) for s in samples])
+  """(K, S, S, 3) inputs of a few samples (a bank; each its box, a tile, where it has one),
+  decoded in order; errors name the file."""
+  return np.stack([load_sample(s, image_size) for s in samples])
 
 
 def bank_on(model: Model, conf, samples, mesh) -> External:

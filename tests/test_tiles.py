@@ -208,3 +208,31 @@ def test_tile_flags_are_refused_before_the_model_loads(frames, tmp_path, flags, 
   assert p.returncode != 0 and needle in p.stderr, p.stderr
   assert "Traceback" not in p.stderr
   assert not (tmp_path / "o").exists()
+
+
+def test_a_tiled_bundle_predicts_what_the_tiled_scorer_scores(model, frames, tmp_path):
+  """The predictor (a bank per tile position, stored in the bundle) against run/tiled's scorer
+  with the same bank: the same scores and maps at the frame's size, after a save and a load."""
+  from fiseclip_jax.deploy.predictor import Predictor
+  m, text = model
+  t = tiles.Tiling(800, 64)
+  conf = CONF.replace(references="bank")
+  p = Predictor.build(class_name="hazelnut", conf=conf, cfg=CFG, batch_size=3, tiling=t,
+                      normal_images=[s.path for s in frames[3:]])
+  p.save(str(tmp_path / "tiled.bundle"))
+  p = Predictor.load(str(tmp_path / "tiled.bundle"), cache_dir="")
+  got = p.predict([s.path for s in frames[:3]])
+  mesh = sharding.make_mesh()
+  banks = tiled.banks_on(m, conf, frames[3:], t, (1200, 1600), mesh)
+  want = tiled.score_tiled(frames[:3], tiling=t, model=m, conf=conf, text=text, mesh=mesh,
+                           batch_size=3, banks=banks, keep_maps=True)
+  np.testing.assert_allclose([r.score for r in got], want.scores, rtol=0, atol=1e-6)
+  for r, w in zip(got, want.maps):
+    assert r.map.shape == (1200, 1600)
+    np.testing.assert_allclose(r.map, w, rtol=0, atol=1e-6)
+  small = np.zeros((600, 800, 3), np.uint8)
+  with pytest.raises(BadInputError, match="image 1 is 800x600 .* must be 1600x1200"):
+    p.predict([frames[0].path, small])
+  from fiseclip_jax.deploy.export import ExportError, scoring_fn
+  with pytest.raises(ExportError, match="--tile"):
+    scoring_fn(p, 3, "xla")

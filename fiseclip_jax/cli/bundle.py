@@ -29,6 +29,7 @@ from fiseclip_jax import data
 from fiseclip_jax.cli import app, options, runtime
 from fiseclip_jax.cli.errors import UsageError
 from fiseclip_jax.data.order import draw
+from fiseclip_jax.data.tiles import frame_size
 from fiseclip_jax.outputs import decisions
 
 FLAGS = flags.FLAGS
@@ -39,6 +40,7 @@ def define_flags() -> None:
   options.define_bank_flags("--normal_images (default: all of them)",
                             "Seed of the --k_shot draw from --normal_images.")
   options.define_method_flags()
+  options.define_tile_flags()
   options.define_decision_flags()
   flags.DEFINE_string("class_name", None, "Required: what the parts show, as in the prompts (e.g. "
                       "'metal nut').")
@@ -88,7 +90,19 @@ def _check_flags() -> bool:
     raise UsageError(f"--batch_size {FLAGS.batch_size} leaves no part a reference in "
                      "--references batch: use >= 2, or --normal_images")
   options.check_weight_flags()
+  options.tiling(stream)
   return has_bank
+
+
+def _check_frames(bank, good) -> None:
+  """--tile with known-good images: every one of them one size (the bank's tiles are the same
+  places as a part's), before JAX starts."""
+  if options.tiling() is None or not bank:
+    return
+  hw = frame_size([data.Sample(p) for p in bank], "--normal_images")
+  if good and frame_size([data.Sample(p) for p in good], "--threshold_from") != hw:
+    raise UsageError(f"--tile: the images of --threshold_from are not the size of "
+                     f"--normal_images' ({hw[1]}x{hw[0]}, WxH)")
 
 
 def _images(folder: str, flag: str, min_side: int, k_shot: int = 0):
@@ -124,6 +138,7 @@ def run() -> None:
   if same:
     raise UsageError(f"{len(same)} image(s) of --threshold_from are also in --normal_images (e.g. "
                      f"{same[0]}): each would be compared with itself; keep the two sets apart")
+  _check_frames(bank, good)
   warning = decisions.unresolvable_warning(len(good), FLAGS.max_fpr) if good else None
   backend = runtime.start()
   conf = _conf(backend, has_bank)
@@ -138,7 +153,7 @@ def run() -> None:
       normal_images=bank, batch_size=FLAGS.batch_size,
       threshold=None if FLAGS.threshold is None else float(FLAGS.threshold),
       pixel_threshold=FLAGS.pixel_threshold, threshold_from=good, max_fpr=FLAGS.max_fpr,
-      max_pixel_fpr=FLAGS.max_pixel_fpr, cache_dir=FLAGS.cache_dir)
+      max_pixel_fpr=FLAGS.max_pixel_fpr, cache_dir=FLAGS.cache_dir, tiling=options.tiling())
   if warning:
     print(f"warning: {warning}")
   size = predictor.save(FLAGS.out, embed_weights=FLAGS.embed_weights)
@@ -146,7 +161,9 @@ def run() -> None:
   fmt = lambda x: "none" if x is None else f"{x:.6f}"
   print(f"bundle {FLAGS.out}: {size / 2 ** 20:.1f} MiB, class {FLAGS.class_name!r}, references "
         f"{predictor.bundle.references}" + (f" ({len(bank)} known-good)" if bank else "")
-        + f", batch {FLAGS.batch_size}, image {conf.image_size} px; thresholds image "
+        + f", batch {FLAGS.batch_size}, image {conf.image_size} px"
+        + (f", tiles of {FLAGS.tile} px (overlap {FLAGS.tile_overlap})" if FLAGS.tile else "")
+        + "; thresholds image "
         f"{fmt(d['image_threshold'])}, pixel {fmt(d['pixel_threshold'])} ({d['how'].split(':')[0]})"
         + ("" if FLAGS.embed_weights else "; weights referenced by sha256, not embedded")
         + f"; {time.time() - t0:.1f} s")

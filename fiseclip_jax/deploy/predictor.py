@@ -18,7 +18,7 @@ from PIL import Image
 
 from fiseclip_jax.core.config import FiSeConfig
 from fiseclip_jax.core.errors import BadInputError
-from fiseclip_jax.data import preprocess
+from fiseclip_jax.data import preprocess, tiles
 from fiseclip_jax.deploy import bundle as bundle_lib
 from fiseclip_jax.deploy.compile_cache import enable_compilation_cache
 from fiseclip_jax.method import references
@@ -75,11 +75,16 @@ class Predictor:
     self.model = towers.on_mesh(model, self.mesh)
     self.spec = self.model.spec(self.conf)
     self.text = None if b.text is None else sharding.replicate(np.asarray(b.text), self.mesh)
-    self.bank = None
+    self.tiling, self.frame = tiling_of(b)
+    self.bank, self.banks = None, None
     if b.bank is not None:
       steps = jax.numpy.asarray(b.bank, self.conf.compute_dtype)
-      self.bank = sharding.replicate(references.bank(steps, None, self.spec.built_under()),
-                                     self.mesh)
+      on = lambda x: sharding.replicate(references.bank(x, None, self.spec.built_under()),
+                                        self.mesh)
+      if self.tiling is None:
+        self.bank = on(steps)
+      else:                                        # (T, S, G, K, N, C): one per tile position
+        self.banks = [on(steps[t]) for t in range(steps.shape[0])]
     self.rings: Dict[str, references.External] = {}
     self.positions: Dict[str, int] = {}
 
@@ -101,12 +106,16 @@ class Predictor:
             normal_images: Sequence = (), batch_size: int = 8,
             threshold: Optional[float] = None, pixel_threshold: Optional[float] = None,
             threshold_from: Sequence = (), max_fpr: float = 0.01, max_pixel_fpr: float = 0.001,
-            cache_dir: Optional[str] = None) -> "Predictor":
+            cache_dir: Optional[str] = None, tiling: Optional[tiles.Tiling] = None) -> "Predictor":
     """A predictor from checkpoints (weights None: random params of cfg, seeded 0), a class
     name, known-good images for the bank (conf.references "bank" / "both"), and thresholds:
     given, or set on known-good images `threshold_from` scored with the same references
     (the (1 - max_fpr) quantile of their scores and the (1 - max_pixel_fpr) one of their map
-    values, DESIGN.md §13)."""
+    values, DESIGN.md §13). tiling: score tiles of each image at its own size (DESIGN.md §17;
+    with a bank, every image must have the bank images' size)."""
+    if tiling is not None and conf.streaming:
+      raise BadInputError("tiles are scored against the same tile of a batch or a bank; a "
+                          "rolling bundle does not take them")
     enable_compilation_cache(cache_dir)
     model = towers.load_model(cfg, weights, fi_cfg, fi_weights)
     tower_entries = {"text": bundle_lib.TowerEntry(
@@ -118,22 +127,30 @@ class Predictor:
     text = None
     if model.has_text:
       text = np.asarray(towers.text_features(model, class_name, conf), np.float32)
-    bank, names = None, ()
+    bank, names, frame = None, (), None
     if conf.references in ("bank", "both") and not conf.streaming:
       if not normal_images:
         raise BadInputError(f"references {conf.references!r} needs known-good images "
                             "(normal_images)")
-      images = np.stack([preprocess.preprocess_image(read_input(x, f"normal image {i}"),
-                                                     conf.image_size)
-                         for i, x in enumerate(normal_images)])
-      bank = np.asarray(model.build_bank(conf, images).feats, np.float32)
+      read = [read_input(x, _name(x, f"normal image {i}")) for i, x in enumerate(normal_images)]
+      if tiling is None:
+        images = np.stack([preprocess.preprocess_image(img, conf.image_size) for img in read])
+        bank = np.asarray(model.build_bank(conf, images).feats, np.float32)
+      else:
+        frame = _one_size(read, normal_images, None, "the known-good images")
+        bank = np.stack([np.asarray(model.build_bank(conf, _cut(read, box, conf.image_size)).feats,
+                                    np.float32) for box in tiles.boxes(frame, tiling)])
       names = tuple(os.path.basename(os.fspath(x)) if isinstance(x, (str, os.PathLike))
                     else f"array {i}" for i, x in enumerate(normal_images))
     decision = {"image_threshold": threshold, "pixel_threshold": pixel_threshold,
                 "how": "given" if threshold is not None or pixel_threshold is not None
                 else "none: scores only"}
+    meta = {}
+    if tiling is not None:
+      meta["tiles"] = {"tile": tiling.tile, "overlap": tiling.overlap,
+                       "frame": list(frame) if bank is not None else None}
     b = bundle_lib.Bundle(conf, tower_entries, class_name, text, bank, names, decision,
-                          int(batch_size), {})
+                          int(batch_size), meta)
     predictor = cls(b)
     if threshold_from:
       predictor.set_thresholds_from(threshold_from, max_fpr, max_pixel_fpr)
@@ -174,6 +191,7 @@ class Predictor:
     return {"class_name": self.class_name, "references": self.bundle.references,
             "batch_size": self.batch_size, "image_size": self.conf.image_size,
             "bank_size": len(self.bundle.bank_names), "decision": self.bundle.decision,
+            "tiles": self.bundle.meta.get("tiles"),
             "towers": {r: catalog.name_of(t.cfg) for r, t in self.bundle.towers.items()}}
 
   def predict(self, images: Sequence, line: Optional[str] = None) -> List[Prediction]:
@@ -201,6 +219,9 @@ class Predictor:
     if self.conf.streaming:
       raise BadInputError("score_resized scores batches; a rolling bundle scores a stream "
                           "(predict with a line)")
+    if self.tiling is not None:
+      raise BadInputError("score_resized scores whole images at the model's size; this bundle "
+                          "scores tiles of each image at its own size (predict)")
     s = self.conf.image_size
     x = np.asarray(x, np.float32).reshape((-1, s, s, 3))
     raw = self._batches(x)
@@ -213,28 +234,44 @@ class Predictor:
       self.rings.pop(k, None)
       self.positions.pop(k, None)
 
-  def _inputs(self, images: Sequence) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
-    """(n, S, S, 3) float32 inputs and each image's (H, W)."""
-    xs, hws = [], []
-    for i, x in enumerate(images):
-      img = read_input(x, os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image {i}")
-      hws.append((img.size[1], img.size[0]))
-      xs.append(preprocess.preprocess_image(img, self.conf.image_size))
-    size = self.conf.image_size
-    return (np.stack(xs) if xs else np.zeros((0, size, size, 3), np.float32)), hws
-
   def _score_all(self, images: Sequence, line: Optional[str], keep_model_maps: bool = False):
-    """(score, n_ref, seclip_only, (H, W), map (S, S)) per image, in order."""
-    x, hws = self._inputs(images)
+    """(score, n_ref, seclip_only, (H, W), map) per image, in order: the map (S, S), or (H, W)
+    when the bundle tiles."""
+    read = [read_input(x, _name(x, f"image {i}")) for i, x in enumerate(images)]
+    hws = [(img.size[1], img.size[0]) for img in read]
+    if self.tiling is not None:
+      return self._tiled(read, images)
+    size = self.conf.image_size
+    x = np.stack([preprocess.preprocess_image(img, size) for img in read]) if read else \
+        np.zeros((0, size, size, 3), np.float32)
     if self.conf.streaming:
       raw = self._stream(x, line)
     else:
       raw = self._batches(x)
     return [(float(s), int(n), bool(o), hw, m) for (s, n, o, m), hw in zip(raw, hws)]
 
-  def _batches(self, x: np.ndarray):
+  def _tiled(self, read: List[Image.Image], images: Sequence):
+    """Each tile position of the call's images scored as a call of its own (the same tile of
+    the other images, and of the bank, its references); per image the maximum score over its
+    tiles, the fewest references, SeCLIP alone if any tile was, the maps blended (§17)."""
+    if not read:
+      return []
+    hw = _one_size(read, images, self.frame, "a tiled bundle's images")
+    parts = [self._batches(_cut(read, box, self.conf.image_size),
+                           None if self.banks is None else self.banks[t])
+             for t, box in enumerate(tiles.boxes(hw, self.tiling))]
+    out = []
+    for i in range(len(read)):
+      mine = [p[i] for p in parts]
+      out.append((max(float(r[0]) for r in mine), min(int(r[1]) for r in mine),
+                  any(bool(r[2]) for r in mine), hw,
+                  tiles.stitch([r[3] for r in mine], hw, self.tiling, overlays.resize_map)))
+    return out
+
+  def _batches(self, x: np.ndarray, bank=None):
     """Batches of B with the folder scorer's top-up (references batch / both) from the call's
-    first images; padding slots have no role."""
+    first images; padding slots have no role. bank: a tile position's (default: the bank)."""
+    bank = self.bank if bank is None else bank
     b, n = self.batch_size, len(x)
     top_up = references.uses_batch_pairs(self.conf)
     out = []
@@ -250,7 +287,7 @@ class Predictor:
           imgs[slot], reference[slot] = x[i], True
       roles = references.Roles(query[None], reference[None], np.arange(b, dtype=np.int32)[None])
       res = sharding.detect_round(self.mesh, self.model, self.conf, imgs[None], roles, self.text,
-                                  self.bank)
+                                  bank)
       got = [np.asarray(getattr(res, f))[0] for f in ("image_scores", "n_ref", "seclip_only",
                                                          "anomaly_maps")]
       out.extend(zip(*(g[:k] for g in got)))
@@ -276,3 +313,32 @@ class Predictor:
     if line is not None:
       self.rings[line], self.positions[line] = ring, pos
     return out
+
+
+def tiling_of(b: bundle_lib.Bundle) -> Tuple[Optional[tiles.Tiling], Optional[Tuple[int, int]]]:
+  """A bundle's tiles (None: whole images) and the (H, W) its bank's frames fix (None: any)."""
+  t = b.meta.get("tiles")
+  if not t:
+    return None, None
+  return tiles.Tiling(int(t["tile"]), int(t["overlap"])), (tuple(t["frame"]) if t.get("frame")
+                                                           else None)
+
+
+def _name(x, default: str) -> str:
+  return os.fspath(x) if isinstance(x, (str, os.PathLike)) else default
+
+
+def _one_size(read: List[Image.Image], images: Sequence, frame, what: str) -> Tuple[int, int]:
+  """The one (H, W) of the images (frame: the one they must have), else one error naming one."""
+  want = tuple(frame) if frame is not None else (read[0].size[1], read[0].size[0])
+  for i, img in enumerate(read):
+    if (img.size[1], img.size[0]) != want:
+      raise BadInputError(f"{_name(images[i], f'image {i}')} is {img.size[0]}x{img.size[1]} (WxH); "
+                          f"{what} are tiled in the same places, so each must be "
+                          f"{want[1]}x{want[0]}")
+  return want
+
+
+def _cut(read: List[Image.Image], box, size: int) -> np.ndarray:
+  """(n, S, S, 3) inputs of one tile of each image."""
+  return np.stack([preprocess.preprocess_image(preprocess.crop(img, box), size) for img in read])

@@ -209,7 +209,7 @@ def _vote(conf, mask0, votes, voters):
 def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, conf,
                       logit_scale, image_size, grid=None, *, query=None, reference=None,
                       mode="batch", bank_tokens=None, bank_valid=None, bank_masks=None,
-                      positions=None, bank_positions=None, window=None):
+                      positions=None, bank_positions=None, window=None, content=None):
   """FiSeCLIP after the CLIP tower (SeCLIP-AD, FiCLIP-AD with mutual filtering, fusion, maps).
 
   Batch (B slots, N = h*w patches):
@@ -231,6 +231,9 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
     bank_valid (K,) bool (default all True); bank_masks (n_steps, K, N) bool, the exclusion mask of
     each entry at each step (default all False: a known-good bank); bank_positions (K,) int and
     positions (B,) int (default arange(B)), window int: used by "rolling" only.
+  Letterboxed images (DESIGN.md §2): content (B, S, S) bool, each image's own pixels. A patch
+  with none of them is padding: it is in the mask every step uses (never a reference), whatever
+  the votes, and the image score's peak is the maximum over the image's own pixels.
 
   Returns a dict (float64 unless said):
     cls_score (B,), seg_prob (B, N, 2) [P_n, P_a], mask0 (B, N) bool,
@@ -316,6 +319,14 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
   n_candidates = np.array([len(c) for c in cands], np.int64)  # (B,)
 
   # Mutual filtering (Algorithm 1 with this project's vote rules), per image votes and voters.
+  padding = np.zeros((b, n), bool)
+  if content is not None:
+    content = np.asarray(content, bool)
+    ph, pw = content.shape[1] // h, content.shape[2] // w
+    for u in range(b):
+      for i in range(h):
+        for j in range(w):
+          padding[u, i * w + j] = not content[u, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].any()
   mask = np.zeros_like(mask0) if conf.vote == "off" else mask0.copy()  # (B, N)
   votes = mask0.astype(np.int64)  # (B, N)
   voters = np.ones(b, np.int64)  # (B,)
@@ -323,6 +334,7 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
   masks = np.zeros((n_st, b, n), bool)
   step_n_ref = np.zeros((n_st, b), np.int64)
   for s, group in enumerate(steps):
+    mask = mask | padding
     masks[s] = mask  # the mask step s uses: before its own vote
 
     def exclusion(c):
@@ -349,6 +361,7 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
         voters[u] += 1
       new_mask[u] = _vote(conf, mask0[u], votes[u], voters[u])
     mask = new_mask
+  mask = mask | padding
 
   # Fusion over the steps where the image had references; SeCLIP alone where it had none.
   wt = conf.fusion_weight
@@ -371,7 +384,8 @@ def detect_from_tower(cls_embed, layer_tokens, proxy_patch_embed, text, valid, c
     up = wy @ patch_map[i] @ wx.T  # (S, S)
     maps[i] = ndimage.gaussian_filter(up, sigma=conf.sigma, truncate=4.0, mode="reflect")
 
-  peak = maps.reshape(b, -1).max(axis=1)  # (B,)
+  peak = np.array([maps[u][content[u]].max() if content is not None else maps[u].max()
+                   for u in range(b)])  # (B,)
   if conf.image_score == "mean":
     image_scores = (cls_score + peak) / 2
   elif conf.image_score == "max":

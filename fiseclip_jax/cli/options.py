@@ -283,6 +283,9 @@ def tiling(streaming: bool = False) -> Optional[Tiling]:
   if streaming:
     raise UsageError("--tile scores each tile against the same tile of other images in a batch "
                      "or a bank; it does not take --references rolling")
+  if "resize" in FLAGS and FLAGS.resize == "letterbox":
+    raise UsageError("--tile cuts each image at its own size; --resize letterbox is for whole "
+                     "images: choose one")
   return Tiling(FLAGS.tile, FLAGS.tile_overlap)
 
 

@@ -28,6 +28,7 @@ REF_AGGS = ("interval", "min")
 PROXY_HEADS = ("mean", "per_head")
 PROXY_ATTENTIONS = ("layer", "vv", "qq", "kk")
 FILTER_LOOPS = ("r", "layer", "flat")
+RESIZES = ("squash", "letterbox")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "blocked")   # models/attention.py
 
@@ -77,6 +78,10 @@ class FiSeConfig:
     Table 5: proxy_layer=k, or proxy_attention in {"vv", "qq", "kk"}.
   """
   image_size: int = knob(518, "Input side S in pixels (a multiple of the patch size).")
+  resize: str = knob("squash", "How an image becomes S x S: squashed (the paper; the aspect ratio "
+                     "is lost), or letterboxed (the longer side S, the aspect kept, centred on "
+                     "grey padding that matching and the image score leave out; DESIGN.md §2).",
+                     RESIZES)
   feature_layers: Tuple[int, ...] = knob((6, 12, 18, 24), "1-based blocks whose patch tokens FiCLIP matches.")
   r_list: Tuple[int, ...] = knob((1, 3, 5), "LNAMD neighbourhoods r (odd), in filtering order.")
   # SeCLIP-AD.
@@ -184,6 +189,11 @@ class FiSeConfig:
   def fusion_weight(self) -> float:
     """Share of the SeCLIP patch probability P_a in the fused patch map."""
     return 1.0 / (1 + len(self.r_list)) if self.se_weight is None else float(self.se_weight)
+
+  @property
+  def letterbox(self) -> bool:
+    """Whether images are letterboxed (their aspect kept) rather than squashed."""
+    return self.resize == "letterbox"
 
   @property
   def streaming(self) -> bool:

@@ -32,6 +32,7 @@ from fiseclip_jax.data.preprocess import read_size
 from fiseclip_jax.data.preprocess import to_uint8
 from fiseclip_jax.data.preprocess import to_uint8_rgb
 from fiseclip_jax.data.preprocess import to_unit
+from fiseclip_jax.data.preprocess import unletterbox
 
 DEMO_CATEGORY = "hazelnut"
 
@@ -51,5 +52,5 @@ __all__ = [
     "btad_train_samples", "check_files", "class_name", "demo_root",
     "folder_samples", "iter_batches", "list_folder", "load_image", "load_mask", "load_sample",
     "mvtec_categories", "mvtec_samples", "mvtec_train_samples", "preprocess_image", "read_rgb",
-    "read_size", "sample_mask", "to_uint8", "to_uint8_rgb", "to_unit", "visa_categories", "visa_samples", "visa_train_samples",
+    "read_size", "sample_mask", "to_uint8", "to_uint8_rgb", "to_unit", "unletterbox", "visa_categories", "visa_samples", "visa_train_samples",
 ]

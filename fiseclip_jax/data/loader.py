@@ -20,7 +20,8 @@ import numpy as np
 
 from fiseclip_jax.data.datasets import Sample
 from fiseclip_jax.core.errors import BadInputError
-from fiseclip_jax.data.preprocess import crop, load_mask, preprocess_image, read_rgb
+from fiseclip_jax.data.preprocess import (content_mask, crop, letterbox_rgb, load_mask,
+                                          preprocess_image, read_rgb, to_rgb, to_unit)
 
 _LOG = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Batch:
   unlabeled and padded slots), or None when masks were not asked for; samples: the Sample of each
   slot, None for padded slots; index (B,) int64: each slot's position in the caller's sample list
   (`indices` of `iter_batches`), -1 for padded slots (a slot the scorer tops up takes its image's).
+  boxes (B, 4) int64: letterboxed images' content boxes (top, left, height, width; padded slots
+  the whole square), None when images are squashed.
   """
   images: np.ndarray
   valid: np.ndarray
@@ -41,6 +44,14 @@ class Batch:
   masks: Optional[np.ndarray]
   samples: List[Optional[Sample]]
   index: np.ndarray
+  boxes: Optional[np.ndarray] = None
+
+  def content(self) -> Optional[np.ndarray]:
+    """(B, S, S) bool: each slot's own pixels (letterboxed), None when squashed."""
+    if self.boxes is None:
+      return None
+    size = self.images.shape[1]
+    return np.stack([content_mask(tuple(b), size) for b in self.boxes])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,7 @@ class _Decoded:
   image: Optional[np.ndarray] = None
   mask: Optional[np.ndarray] = None
   error: Optional[BadInputError] = None
+  box: Optional[Tuple[int, int, int, int]] = None     # letterboxed: the content box
 
 
 def sample_mask(sample: Sample, size: Optional[int], image_hw: Tuple[int, int]) -> np.ndarray:
@@ -66,18 +78,23 @@ def sample_mask(sample: Sample, size: Optional[int], image_hw: Tuple[int, int]) 
   return load_mask(sample.mask_path, size, sample.path, image_hw, sample.box)
 
 
-def sample_input(sample: Sample, rgb, image_size: int) -> np.ndarray:
+def sample_input(sample: Sample, rgb, image_size: int, letterbox: bool = False):
   """The towers' input (image_size, image_size, 3) of a sample from its decoded image: its box
-  (a tile) or all of it, resized."""
-  return preprocess_image(crop(rgb, sample.box), image_size)
+  (a tile) or all of it, squashed; letterbox: (input, content box) of it letterboxed."""
+  rgb = crop(rgb, sample.box)
+  if not letterbox:
+    return preprocess_image(rgb, image_size)
+  img, box = letterbox_rgb(to_rgb(rgb), image_size)
+  return to_unit(np.asarray(img)), box
 
 
-def load_sample(sample: Sample, image_size: int) -> np.ndarray:
+def load_sample(sample: Sample, image_size: int, letterbox: bool = False):
   """Reads a sample's image and returns its towers' input (`sample_input`)."""
-  return sample_input(sample, read_rgb(sample.path), image_size)
+  return sample_input(sample, read_rgb(sample.path), image_size, letterbox)
 
 
-def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool) -> _Decoded:
+def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool,
+            letterbox: bool = False) -> _Decoded:
   """Decodes one (index, sample). An unreadable image is returned as data (it may be skipped); a
   bad mask raises (the ground truth is wrong, skipping would bias the metrics)."""
   index, sample = item
@@ -85,9 +102,10 @@ def _decode(item: Tuple[int, Sample], image_size: int, with_masks: bool) -> _Dec
     rgb = read_rgb(sample.path)
   except BadInputError as err:
     return _Decoded(sample, index, error=err)
-  image = sample_input(sample, rgb, image_size)
+  image, box = sample_input(sample, rgb, image_size, letterbox) if letterbox else (
+      sample_input(sample, rgb, image_size), None)
   mask = sample_mask(sample, image_size, (rgb.height, rgb.width)) if with_masks else None
-  return _Decoded(sample, index, image, mask)
+  return _Decoded(sample, index, image, mask, box=box)
 
 
 def _decoded_in_order(samples: Sequence, decode: Callable[..., _Decoded],
@@ -111,7 +129,7 @@ def _decoded_in_order(samples: Sequence, decode: Callable[..., _Decoded],
 
 
 def _assemble(slots: List[_Decoded], batch_size: int, image_size: int,
-              with_masks: bool) -> Batch:
+              with_masks: bool, letterbox: bool = False) -> Batch:
   """Stacks decoded samples into a batch of `batch_size` slots, padding the rest."""
   shape = (batch_size, image_size, image_size)
   images = np.zeros(shape + (3,), np.float32)
@@ -120,19 +138,24 @@ def _assemble(slots: List[_Decoded], batch_size: int, image_size: int,
   masks = np.zeros(shape, bool) if with_masks else None
   samples: List[Optional[Sample]] = [None] * batch_size
   index = np.full(batch_size, -1, np.int64)
+  boxes = np.tile(np.array([0, 0, image_size, image_size], np.int64), (batch_size, 1)) \
+      if letterbox else None
   for i, d in enumerate(slots):
     images[i], valid[i], labels[i], samples[i] = d.image, True, d.sample.label, d.sample
     index[i] = d.index
     if masks is not None:
       masks[i] = d.mask
-  return Batch(images, valid, labels, masks, samples, index)
+    if boxes is not None:
+      boxes[i] = d.box
+  return Batch(images, valid, labels, masks, samples, index, boxes)
 
 
 def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
                  with_masks: bool = True, num_workers: int = 4, skip_bad_images: bool = False,
                  on_skip: Optional[Callable[[str, BadInputError], None]] = None,
                  prefetch_batches: int = 2,
-                 indices: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+                 indices: Optional[Sequence[int]] = None,
+                 letterbox: bool = False) -> Iterator[Batch]:
   """Yields batches of exactly `batch_size` slots, in the order of `samples`.
 
   Args:
@@ -148,13 +171,16 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
     prefetch_batches: batches decoded ahead of the one the caller holds (at least 1 with threads).
     indices: each sample's position in the caller's own list (default 0, 1, ...), carried by the
       batches so results map back to samples without identity tricks.
+    letterbox: letterbox images instead of squashing them (masks are still squashed: the maps of
+      a letterboxed run come back in the squashed geometry); the batches carry the content boxes.
 
   Raises:
     BadInputError: an unreadable image (unless skipped), a missing, unreadable or mis-sized mask.
   """
   if batch_size < 1 or image_size < 1:
     raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size}, {image_size}")
-  decode = functools.partial(_decode, image_size=image_size, with_masks=with_masks)
+  decode = functools.partial(_decode, image_size=image_size, with_masks=with_masks,
+                             letterbox=letterbox)
   window = batch_size * max(1, prefetch_batches)  # in flight once the current batch is full
   slots: List[_Decoded] = []
   samples = list(samples)
@@ -174,7 +200,7 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, image_size: int,
         continue
       slots.append(d)
       if len(slots) == batch_size:
-        yield _assemble(slots, batch_size, image_size, with_masks)
+        yield _assemble(slots, batch_size, image_size, with_masks, letterbox)
         slots = []
   if slots:
-    yield _assemble(slots, batch_size, image_size, with_masks)
+    yield _assemble(slots, batch_size, image_size, with_masks, letterbox)

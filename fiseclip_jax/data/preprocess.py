@@ -135,6 +135,47 @@ def resize_rgb(img: Image.Image, size: int) -> Image.Image:
   return img.resize((size, size), Image.Resampling.BICUBIC)
 
 
+PAD_GREY = 128     # the letterbox padding, uint8 on every channel
+
+
+def letterbox_box(hw: Tuple[int, int], size: int) -> Tuple[int, int, int, int]:
+  """(top, left, height, width) of an (H, W) image letterboxed into size x size: the longer side
+  `size`, the shorter one scaled with it (rounded, at least 1), centred (DESIGN.md §2)."""
+  h, w = hw
+  scale = size / max(h, w)
+  nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+  return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
+def letterbox_rgb(img: Image.Image, size: int) -> Tuple[Image.Image, Tuple[int, int, int, int]]:
+  """An RGB image letterboxed to size x size (bicubic, grey padding) and its content box."""
+  top, left, h, w = box = letterbox_box((img.height, img.width), size)
+  canvas = Image.new("RGB", (size, size), (PAD_GREY,) * 3)
+  canvas.paste(img if img.size == (w, h) else img.resize((w, h), Image.Resampling.BICUBIC),
+               (left, top))
+  return canvas, box
+
+
+def content_mask(box: Tuple[int, int, int, int], size: int) -> np.ndarray:
+  """(size, size) bool: the pixels of a letterboxed image that are the image's (not padding)."""
+  top, left, h, w = box
+  m = np.zeros((size, size), bool)
+  m[top:top + h, left:left + w] = True
+  return m
+
+
+def unletterbox(anomaly_map: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
+  """A letterboxed (S, S) map back to the squashed geometry (S, S): its content box, resized
+  bilinear, so a letterboxed run's maps are used as a squashed run's are."""
+  size = anomaly_map.shape[-1]
+  top, left, h, w = box
+  crop = np.asarray(anomaly_map, np.float32)[top:top + h, left:left + w]
+  if crop.shape == (size, size):
+    return crop
+  return np.asarray(Image.fromarray(crop, mode="F").resize((size, size),
+                                                           Image.Resampling.BILINEAR))
+
+
 def to_unit(rgb_uint8: np.ndarray) -> np.ndarray:
   """uint8 (..., 3) -> float32 RGB in [0, 1] (/255): what every tower takes."""
   return rgb_uint8.astype(np.float32) / np.float32(255.0)

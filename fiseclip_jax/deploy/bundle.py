@@ -46,6 +46,7 @@ class Bundle(NamedTuple):
   decision: dict                      # image_threshold, pixel_threshold, how, ... (DESIGN.md §13)
   batch_size: int                     # the compiled batch
   meta: dict                          # the whole metadata entry as read
+  bank_padding: Optional[np.ndarray] = None   # (K, N) bool: letterboxed bank images' padding
 
   @property
   def references(self) -> str:
@@ -75,6 +76,8 @@ def write_bundle(path: str, b: Bundle, embed_weights: bool = True) -> int:
     tensors["text_features"] = np.asarray(b.text, np.float32)
   if b.bank is not None:
     tensors["bank/feats"] = np.array(b.bank, np.float32, order="C")   # bf16 -> f32 is exact
+  if b.bank_padding is not None:
+    tensors["bank/padding"] = np.asarray(b.bank_padding, np.uint8)
   meta = {"format": FORMAT, "version": __version__, "class_name": b.class_name,
           "config": b.conf.to_dict(), "references": b.references, "towers": towers,
           "batch_size": int(b.batch_size), "image_size": b.conf.image_size,
@@ -125,9 +128,10 @@ def read_bundle(path: str, weights: Optional[Dict[str, str]] = None) -> Bundle:
       keys = set(f.keys())
       text = f.get_tensor("text_features") if "text_features" in keys else None
       bank = f.get_tensor("bank/feats") if "bank/feats" in keys else None
+      padding = f.get_tensor("bank/padding").astype(bool) if "bank/padding" in keys else None
   except (KeyError, TypeError, ValueError) as e:
     if isinstance(e, BundleError):
       raise
     raise BundleError(f"bundle {path}: damaged metadata or tensors ({type(e).__name__}: {e})") from None
   return Bundle(conf, towers, meta["class_name"], text, bank, tuple(meta["bank"]["images"]),
-                meta["decision"], int(meta["batch_size"]), meta)
+                meta["decision"], int(meta["batch_size"]), meta, padding)

@@ -60,6 +60,10 @@ def scoring_fn(predictor: Predictor, batch_size: int, attention: str) -> Callabl
     raise ExportError("a bundle of --references rolling (a stream) carries its ring of earlier "
                       "parts from call to call: it is not exported; export a bundle of "
                       "references batch, bank or both")
+  if predictor.conf.letterbox:
+    raise ExportError("a letterboxed bundle (--resize letterbox) marks each image's padding for "
+                      "matching: the exported program takes images squashed to the model's size; "
+                      "export a bundle built with --resize squash")
   if predictor.tiling is not None:
     raise ExportError("a bundle of tiles (--tile) cuts each image at its own size and stitches "
                       "the tiles' maps back: the exported program takes whole images at the "

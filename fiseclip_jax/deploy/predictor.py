@@ -26,6 +26,7 @@ from fiseclip_jax.method.api import Model
 from fiseclip_jax.models import catalog
 from fiseclip_jax.outputs import decisions, overlays
 from fiseclip_jax.run import sharding, towers
+from fiseclip_jax.run.scoring import squashed_maps
 
 DEFAULT_LINE = "default"
 
@@ -82,7 +83,8 @@ class Predictor:
       on = lambda x: sharding.replicate(references.bank(x, None, self.spec.built_under()),
                                         self.mesh)
       if self.tiling is None:
-        self.bank = on(steps)
+        self.bank = sharding.replicate(references.bank(
+            steps, None, self.spec.built_under(), b.bank_padding), self.mesh)
       else:                                        # (T, S, G, K, N, C): one per tile position
         self.banks = [on(steps[t]) for t in range(steps.shape[0])]
     self.rings: Dict[str, references.External] = {}
@@ -116,6 +118,9 @@ class Predictor:
     if tiling is not None and conf.streaming:
       raise BadInputError("tiles are scored against the same tile of a batch or a bank; a "
                           "rolling bundle does not take them")
+    if tiling is not None and conf.letterbox:
+      raise BadInputError("tiles are cut at the image's own size and squashed; letterboxing is "
+                          "for whole images: choose one")
     enable_compilation_cache(cache_dir)
     model = towers.load_model(cfg, weights, fi_cfg, fi_weights)
     tower_entries = {"text": bundle_lib.TowerEntry(
@@ -127,15 +132,19 @@ class Predictor:
     text = None
     if model.has_text:
       text = np.asarray(towers.text_features(model, class_name, conf), np.float32)
-    bank, names, frame = None, (), None
+    bank, names, frame, padding = None, (), None, None
     if conf.references in ("bank", "both") and not conf.streaming:
       if not normal_images:
         raise BadInputError(f"references {conf.references!r} needs known-good images "
                             "(normal_images)")
       read = [read_input(x, _name(x, f"normal image {i}")) for i, x in enumerate(normal_images)]
       if tiling is None:
-        images = np.stack([preprocess.preprocess_image(img, conf.image_size) for img in read])
-        bank = np.asarray(model.build_bank(conf, images).feats, np.float32)
+        images, boxes = _model_inputs(read, conf)
+        content = None if boxes is None else _content(boxes, conf.image_size)
+        built = model.build_bank(conf, images, content=content)
+        bank = np.asarray(built.feats, np.float32)
+        if content is not None:                    # the padding: every step's mask alike
+          padding = np.asarray(built.masks[0])
       else:
         frame = _one_size(read, normal_images, None, "the known-good images")
         bank = np.stack([np.asarray(model.build_bank(conf, _cut(read, box, conf.image_size)).feats,
@@ -150,7 +159,7 @@ class Predictor:
       meta["tiles"] = {"tile": tiling.tile, "overlap": tiling.overlap,
                        "frame": list(frame) if bank is not None else None}
     b = bundle_lib.Bundle(conf, tower_entries, class_name, text, bank, names, decision,
-                          int(batch_size), meta)
+                          int(batch_size), meta, padding)
     predictor = cls(b)
     if threshold_from:
       predictor.set_thresholds_from(threshold_from, max_fpr, max_pixel_fpr)
@@ -219,9 +228,10 @@ class Predictor:
     if self.conf.streaming:
       raise BadInputError("score_resized scores batches; a rolling bundle scores a stream "
                           "(predict with a line)")
-    if self.tiling is not None:
-      raise BadInputError("score_resized scores whole images at the model's size; this bundle "
-                          "scores tiles of each image at its own size (predict)")
+    if self.tiling is not None or self.conf.letterbox:
+      raise BadInputError("score_resized scores whole images squashed to the model's size; this "
+                          "bundle " + ("scores tiles of each image at its own size" if self.tiling
+                                       else "letterboxes each image") + " (predict)")
     s = self.conf.image_size
     x = np.asarray(x, np.float32).reshape((-1, s, s, 3))
     raw = self._batches(x)
@@ -241,13 +251,11 @@ class Predictor:
     hws = [(img.size[1], img.size[0]) for img in read]
     if self.tiling is not None:
       return self._tiled(read, images)
-    size = self.conf.image_size
-    x = np.stack([preprocess.preprocess_image(img, size) for img in read]) if read else \
-        np.zeros((0, size, size, 3), np.float32)
+    x, boxes = _model_inputs(read, self.conf)
     if self.conf.streaming:
-      raw = self._stream(x, line)
+      raw = self._stream(x, line, boxes)
     else:
-      raw = self._batches(x)
+      raw = self._batches(x, boxes=boxes)
     return [(float(s), int(n), bool(o), hw, m) for (s, n, o, m), hw in zip(raw, hws)]
 
   def _tiled(self, read: List[Image.Image], images: Sequence):
@@ -268,9 +276,10 @@ class Predictor:
                   tiles.stitch([r[3] for r in mine], hw, self.tiling, overlays.resize_map)))
     return out
 
-  def _batches(self, x: np.ndarray, bank=None):
+  def _batches(self, x: np.ndarray, bank=None, boxes: Optional[np.ndarray] = None):
     """Batches of B with the folder scorer's top-up (references batch / both) from the call's
-    first images; padding slots have no role. bank: a tile position's (default: the bank)."""
+    first images; padding slots have no role. bank: a tile position's (default: the bank);
+    boxes (n, 4): letterboxed images' content boxes (None: squashed)."""
     bank = self.bank if bank is None else bank
     b, n = self.batch_size, len(x)
     top_up = references.uses_batch_pairs(self.conf)
@@ -281,19 +290,25 @@ class Predictor:
       imgs[:k] = x[start:start + k]
       query = np.arange(b) < k
       reference = query.copy()
+      take = list(range(start, start + k))
       if top_up and k < b:
         others = [i for i in range(n) if not start <= i < start + k][:b - k]
         for slot, i in zip(range(k, b), others):
           imgs[slot], reference[slot] = x[i], True
-      roles = references.Roles(query[None], reference[None], np.arange(b, dtype=np.int32)[None])
+        take += others
+      slot_boxes = _slot_boxes(boxes, take, b, x.shape[1])
+      content = None if slot_boxes is None else _content(slot_boxes, x.shape[1])[None]
+      roles = references.Roles(query[None], reference[None], np.arange(b, dtype=np.int32)[None],
+                               content)
       res = sharding.detect_round(self.mesh, self.model, self.conf, imgs[None], roles, self.text,
                                   bank)
       got = [np.asarray(getattr(res, f))[0] for f in ("image_scores", "n_ref", "seclip_only",
                                                          "anomaly_maps")]
+      got[3] = squashed_maps(got[3], slot_boxes)
       out.extend(zip(*(g[:k] for g in got)))
     return out
 
-  def _stream(self, x: np.ndarray, line: Optional[str]):
+  def _stream(self, x: np.ndarray, line: Optional[str], boxes: Optional[np.ndarray] = None):
     """A line's stream: batches of B through its ring (line None: a throwaway stream)."""
     ring = self.rings.get(line) if line is not None else None
     ring = self.model.empty_stream(self.conf) if ring is None else ring
@@ -304,11 +319,15 @@ class Predictor:
       imgs = np.zeros((b,) + x.shape[1:], np.float32)
       imgs[:k] = x[start:start + k]
       valid = np.arange(b) < k
-      roles = references.Roles(valid, valid.copy(), (pos + np.arange(b)).astype(np.int32))
+      slot_boxes = _slot_boxes(boxes, list(range(start, start + k)), b, x.shape[1])
+      content = None if slot_boxes is None else _content(slot_boxes, x.shape[1])
+      roles = references.Roles(valid, valid.copy(), (pos + np.arange(b)).astype(np.int32),
+                               content)
       res, ring = self.model.score_stream(self.conf, imgs, roles, self.text, ring)
       pos += k
       got = [np.asarray(getattr(res, f)) for f in ("image_scores", "n_ref", "seclip_only",
                                                       "anomaly_maps")]
+      got[3] = squashed_maps(got[3], slot_boxes)
       out.extend(zip(*(g[:k] for g in got)))
     if line is not None:
       self.rings[line], self.positions[line] = ring, pos
@@ -342,3 +361,30 @@ def _one_size(read: List[Image.Image], images: Sequence, frame, what: str) -> Tu
 def _cut(read: List[Image.Image], box, size: int) -> np.ndarray:
   """(n, S, S, 3) inputs of one tile of each image."""
   return np.stack([preprocess.preprocess_image(preprocess.crop(img, box), size) for img in read])
+
+
+def _model_inputs(read: List[Image.Image], conf: FiSeConfig):
+  """(n, S, S, 3) inputs of decoded images, squashed or letterboxed as conf says, and the
+  letterboxed content boxes (n, 4) (None when squashed)."""
+  size = conf.image_size
+  if not read:
+    return np.zeros((0, size, size, 3), np.float32), None
+  if not conf.letterbox:
+    return np.stack([preprocess.preprocess_image(img, size) for img in read]), None
+  boxed = [preprocess.letterbox_rgb(img, size) for img in read]
+  return (np.stack([preprocess.to_unit(np.asarray(img)) for img, _ in boxed]),
+          np.array([box for _, box in boxed], np.int64))
+
+
+def _slot_boxes(boxes: Optional[np.ndarray], take: List[int], b: int,
+                size: int) -> Optional[np.ndarray]:
+  """(B, 4) content boxes of a batch's slots (images `take` first; the rest whole squares)."""
+  if boxes is None:
+    return None
+  out = np.tile(np.array([0, 0, size, size], np.int64), (b, 1))
+  out[:len(take)] = boxes[take]
+  return out
+
+
+def _content(boxes: np.ndarray, size: int) -> np.ndarray:
+  return np.stack([preprocess.content_mask(tuple(bx), size) for bx in boxes])

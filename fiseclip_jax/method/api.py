@@ -124,7 +124,8 @@ class Model(NamedTuple):
     return _detect_jit(spec, self.params, jnp.asarray(images, jnp.float32), roles,
                        text_input(spec, text), bank)
 
-  def build_bank(self, conf: FiSeConfig, images, valid=None, chunk: int = 8) -> External:
+  def build_bank(self, conf: FiSeConfig, images, valid=None, chunk: int = 8,
+                 content=None) -> External:
     """`build_bank` of this model (see the function)."""
     check_images(images)
     images = np.asarray(images, np.float32)
@@ -139,7 +140,10 @@ class Model(NamedTuple):
         part = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)])
       parts.append(_features_jit(spec, self.params, jnp.asarray(part)))
     steps = jnp.concatenate(parts, axis=2)[:, :, :k]                        # (S, G, K, N, C)
-    return references.bank(steps, valid, spec.built_under())
+    padding = None
+    if content is not None:
+      padding = references.padding_patches(jnp.asarray(content, bool), spec.grid(images.shape[1:3]))
+    return references.bank(steps, valid, spec.built_under(), padding)
 
   def empty_stream(self, conf: FiSeConfig) -> External:
     """`empty_stream` of this model (see the function)."""
@@ -193,15 +197,16 @@ def detect(params: dict, cfg, conf: FiSeConfig, images, valid, text,
 
 
 def build_bank(params: dict, cfg, conf: FiSeConfig, images, valid=None, chunk: int = 8, *,
-               fi_params=None, fi_cfg=None) -> External:
+               fi_params=None, fi_cfg=None, content=None) -> External:
   """A known-good bank (DESIGN.md §5): K normal images (K, S, S, 3), RGB in [0, 1], encoded once,
   their feature maps kept on device as a value to pass to `detect` with references "bank" or
   "both". The bank records the settings it was built under; `detect` refuses other ones.
 
   Encoded `chunk` images at a time (the last chunk padded), so K is not limited by memory for
-  activations, and one compile serves every K.
+  activations, and one compile serves every K. content (K, S, S) bool: letterboxed images' own
+  pixels (their padding never serves as a reference).
   """
-  return Model.of(params, cfg, fi_params, fi_cfg).build_bank(conf, images, valid, chunk)
+  return Model.of(params, cfg, fi_params, fi_cfg).build_bank(conf, images, valid, chunk, content)
 
 
 def empty_stream(cfg, conf: FiSeConfig, *, fi_cfg=None) -> External:

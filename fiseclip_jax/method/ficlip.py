@@ -233,7 +233,8 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
                      topk_frac: float, agg: str, pair_chunk: int = 8,
                      external: Optional[External] = None, ext_refs: Optional[Array] = None,
                      batch_pairs: bool = True, grid: Optional[Tuple[int, int]] = None,
-                     match_window: Optional[int] = None) -> FilterResult:
+                     match_window: Optional[int] = None,
+                     padding: Optional[Array] = None) -> FilterResult:
   """Algorithm 1 as a `lax.scan` over filtering steps (DESIGN.md §5, §6).
 
   steps (S, G, B, N, C): the feature maps of each step (G maps averaged per step); mask0 (B, N);
@@ -244,8 +245,10 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
   names an entry of `rules.VOTE_RULES`.
   batch_pairs=False skips the batch's pair distances (no batch candidates: bank-only scoring).
   match_window (with the (h, w) grid of N): aligned matching, `pair_min_distances`.
+  padding (B, N) bool: letterbox padding, excluded from every step's mask whatever the votes.
   """
   vote = VOTE_RULES[rule]
+  keep_out = (lambda m: m) if padding is None else (lambda m: m | padding)
   b = mask0.shape[0]
   if external is None:
     xs = (steps,)
@@ -254,6 +257,7 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
 
   def step(carry, x):
     mask, votes, voters = carry
+    mask = keep_out(mask)
     group = x[0]
     ds, cands = [], []
     if batch_pairs:
@@ -278,7 +282,7 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
 
   init = (vote.start(mask0), mask0.astype(jnp.int32), jnp.ones((b,), jnp.int32))
   (final, _, _), (scores, masks, n_ref) = jax.lax.scan(step, init, xs)
-  return FilterResult(scores, masks, final, n_ref)
+  return FilterResult(scores, masks, keep_out(final), n_ref)
 
 
 def feature_steps(layer_tokens: Array, grid: Tuple[int, int], r_list: Tuple[int, ...],

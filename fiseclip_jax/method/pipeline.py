@@ -89,16 +89,18 @@ def lnamd_stage(spec: Spec, layer_tokens: Array, grid) -> Array:
 
 
 def filter_stage(spec: Spec, steps: Array, mask0: Array, roles: Roles,
-                 external: Optional[External], grid=None) -> Tuple[FilterResult, Array]:
+                 external: Optional[External], grid=None,
+                 padding: Optional[Array] = None) -> Tuple[FilterResult, Array]:
   """FiCLIP matching with mutual filtering: (FilterResult, n_candidates (B,)). grid: the (h, w)
-  patch grid of N, which a match window needs."""
+  patch grid of N, which a match window needs; padding (B, N): letterbox patches, never a
+  reference."""
   conf = spec.conf
   batch_refs, ext_refs = references.candidates(conf, roles, external)
   filt = ficlip.mutual_filtering(steps, mask0, batch_refs, mu=conf.mu, rule=conf.vote,
                                  topk_frac=conf.topk_frac, agg=conf.ref_agg,
                                  pair_chunk=conf.pair_chunk, external=external, ext_refs=ext_refs,
                                  batch_pairs=references.uses_batch_pairs(conf), grid=grid,
-                                 match_window=conf.match_window)
+                                 match_window=conf.match_window, padding=padding)
   n_candidates = batch_refs.sum(axis=1) + (0 if ext_refs is None else ext_refs.sum(axis=1))
   return filt, n_candidates.astype(jnp.int32)
 
@@ -124,9 +126,12 @@ def maps_stage(spec: Spec, patch_map: Array, out_hw) -> Array:
   return maps.pixel_maps(patch_map, out_hw, spec.conf.sigma)
 
 
-def score_stage(spec: Spec, cls_score: Array, pixel_maps: Array) -> Array:
-  """Image score (B,) by the config's rule from the pixel map's maximum; the maximum alone
-  without a text tower."""
+def score_stage(spec: Spec, cls_score: Array, pixel_maps: Array,
+                content: Optional[Array] = None) -> Array:
+  """Image score (B,) by the config's rule from the pixel map's maximum (over the image's own
+  pixels where content (B, S, S) says which); the maximum alone without a text tower."""
+  if content is not None:
+    pixel_maps = jnp.where(content, pixel_maps, -jnp.inf)
   peak = pixel_maps.reshape(pixel_maps.shape[0], -1).max(axis=1)
   rule = spec.conf.image_score if spec.has_text else "max"
   return IMAGE_SCORE_RULES[rule](cls_score, peak)
@@ -141,10 +146,12 @@ def score(spec: Spec, params: Params, images: Array, roles: Roles, text: Array,
     feats = encode(spec, params, images)
     se = seclip_stage(spec, params, feats, text, grid[0] * grid[1])
     steps = lnamd_stage(spec, feats.layer_tokens, grid)
-    filt, n_candidates = filter_stage(spec, steps, se.mask0, roles, external, grid)
+    padding = None if roles.content is None else references.padding_patches(roles.content, grid)
+    filt, n_candidates = filter_stage(spec, steps, se.mask0, roles, external, grid, padding)
     patch_map = fusion_stage(spec, se.seg_prob, filt.step_scores, filt.n_ref).reshape(b, *grid)
     pixel_maps = maps_stage(spec, patch_map, (s_h, s_w))
-    res = DetectResult(score_stage(spec, se.cls_score, pixel_maps), pixel_maps, se.cls_score,
+    res = DetectResult(score_stage(spec, se.cls_score, pixel_maps, roles.content), pixel_maps,
+                       se.cls_score,
                        se.seg_prob, se.mask0, filt.step_scores, filt.masks, filt.final_mask,
                        filt.n_ref[0], filt.n_ref, n_candidates, ~jnp.any(filt.n_ref > 0, axis=0),
                        patch_map)

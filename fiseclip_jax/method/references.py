@@ -24,6 +24,17 @@ class Roles(NamedTuple):
   query: Array       # (B,) bool: scored, results returned
   reference: Array   # (B,) bool: may serve as a reference to the other slots
   position: Array    # (B,) int32: stream position (streams; ignored otherwise)
+  content: Optional[Array] = None   # (B, S, S) bool: each image's own pixels, False on letterbox
+  #                                   padding (DESIGN.md §2); None: every pixel is the image's
+
+
+def padding_patches(content: Array, grid: Tuple[int, int]) -> Array:
+  """(B, N) bool: the patches with no pixel of their image (letterbox padding), from content
+  (B, S, S) on the (h, w) patch grid."""
+  b, s_h, s_w = content.shape
+  h, w = grid
+  has = content.reshape(b, h, s_h // h, w, s_w // w).any(axis=(2, 4))
+  return ~has.reshape(b, h * w)
 
 
 class BuiltUnder(NamedTuple):
@@ -35,6 +46,7 @@ class BuiltUnder(NamedTuple):
   filter_loop: str
   image_size: int
   compute_dtype: str
+  resize: str = "squash"           # squashed or letterboxed images (DESIGN.md §2)
 
   def differences(self, other: "BuiltUnder") -> list:
     """'name: this -> other' for every setting that differs."""
@@ -70,7 +82,7 @@ def make_roles(query, reference=None, position=None) -> Roles:
 def as_roles(valid_or_roles) -> Roles:
   """A `Roles`, or one boolean `valid` array meaning query = reference = valid."""
   if isinstance(valid_or_roles, Roles):
-    return Roles(*(jnp.asarray(x) for x in valid_or_roles))
+    return Roles(*(None if x is None else jnp.asarray(x) for x in valid_or_roles))
   return make_roles(valid_or_roles)
 
 
@@ -112,15 +124,19 @@ def uses_batch_pairs(conf) -> bool:
   return conf.streaming or conf.references != "bank"
 
 
-def bank(steps: Array, valid=None, built_under: Optional[BuiltUnder] = None) -> External:
+def bank(steps: Array, valid=None, built_under: Optional[BuiltUnder] = None,
+         padding: Optional[Array] = None) -> External:
   """A known-good bank from its feature maps arranged as steps (S, G, K, N, C) (DESIGN.md §5).
 
-  Known normal: nothing of it is excluded, so its masks are all False at every step.
+  Known normal: nothing of it is excluded, so its masks are all False at every step, except the
+  letterbox padding of its images (padding (K, N) bool), which never serves as a reference.
   """
   s, _, k, n, _ = steps.shape
   valid = jnp.ones((k,), bool) if valid is None else jnp.asarray(valid, bool)
-  return External(steps, jnp.zeros((s, k, n), bool), valid, jnp.zeros((k,), jnp.int32),
-                  built_under)
+  masks = jnp.zeros((s, k, n), bool)
+  if padding is not None:
+    masks = masks | jnp.asarray(padding, bool)[None]
+  return External(steps, masks, valid, jnp.zeros((k,), jnp.int32), built_under)
 
 
 def empty_ring(n_steps: int, n_maps: int, k: int, n_patches: int, width: int,

@@ -56,7 +56,7 @@ class Spec:
     """What a bank or a ring made by this scorer is bound to (DESIGN.md §5)."""
     c = self.conf
     return BuiltUnder(self.fi_tower, c.feature_layers, c.r_list, c.filter_loop, c.image_size,
-                      c.compute_dtype)
+                      c.compute_dtype, c.resize)
 
 
 def resolve_attention(conf: FiSeConfig, backend: Optional[str] = None) -> str:

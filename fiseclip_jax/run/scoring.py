@@ -115,7 +115,7 @@ def _skip_recorder(skipped: List[str], also: Optional[Callable]) -> Callable:
 
 
 def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_images: bool,
-           on_skip: Optional[Callable] = None) -> np.ndarray:
+           on_skip: Optional[Callable] = None, letterbox: bool = False) -> np.ndarray:
   """Fill a short batch's empty slots with reference-only images (DESIGN.md §5, top-up).
 
   The images are the first of `pool` (the category's sample list, in scoring order) that are not
@@ -130,7 +130,10 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
   for slot in free:
     for i in candidates:
       try:
-        batch.images[slot] = data.load_sample(pool[i], image_size)
+        if letterbox:
+          batch.images[slot], batch.boxes[slot] = data.load_sample(pool[i], image_size, True)
+        else:
+          batch.images[slot] = data.load_sample(pool[i], image_size)
       except BadInputError as err:
         if not skip_bad_images:
           raise
@@ -145,7 +148,21 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
 
 def _roles(batch: Batch, reference: np.ndarray, position: Optional[np.ndarray] = None):
   position = np.arange(len(batch.valid), dtype=np.int32) if position is None else position
-  return references.Roles(batch.valid.copy(), reference, position.astype(np.int32))
+  return references.Roles(batch.valid.copy(), reference, position.astype(np.int32),
+                          batch.content())
+
+
+def stack_roles(roles: Sequence[references.Roles]) -> references.Roles:
+  """A round's roles (n, B, ...) from each batch's (content stays None when squashed)."""
+  return references.Roles(*(None if x[0] is None else np.stack(x) for x in zip(*roles)))
+
+
+def squashed_maps(maps: np.ndarray, boxes: Optional[np.ndarray]) -> np.ndarray:
+  """A batch's maps (B, S, S) in the squashed geometry: letterboxed ones (boxes given) cut to
+  their content and resized (DESIGN.md §2), so every consumer reads them alike."""
+  if boxes is None:
+    return maps
+  return np.stack([data.unletterbox(m, tuple(b)) for m, b in zip(maps, boxes)])
 
 
 def _host_results(out, round_batches, round_roles, stacked: bool = True) -> List[BatchResult]:
@@ -156,8 +173,8 @@ def _host_results(out, round_batches, round_roles, stacked: bool = True) -> List
   if not stacked:
     host = {f: v[None] for f, v in host.items()}
   return [BatchResult(b, np.asarray(r.query), np.asarray(r.reference), host["image_scores"][j],
-                      host["anomaly_maps"][j], host["n_ref"][j], host["seclip_only"][j],
-                      host["n_candidates"][j])
+                      squashed_maps(host["anomaly_maps"][j], b.boxes), host["n_ref"][j],
+                      host["seclip_only"][j], host["n_candidates"][j])
           for j, (b, r) in enumerate(zip(round_batches, round_roles))]
 
 
@@ -182,7 +199,8 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
   on_skip = _skip_recorder(skipped, on_skip)
   collect = Collector(keep_maps, with_masks and keep_maps)
   batches = data.iter_batches(samples, batch_size, size, with_masks=with_masks,
-                              skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices)
+                              skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
+                              letterbox=conf.letterbox)
   use_top_up = top_up_pool is not None and references.uses_batch_pairs(conf)
   done, pending = 0, []
 
@@ -191,9 +209,9 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
     for b in round_batches:
       reference = b.valid.copy()
       if use_top_up and not b.valid.all():
-        reference = top_up(b, top_up_pool, size, skip_bad_images, on_skip)
+        reference = top_up(b, top_up_pool, size, skip_bad_images, on_skip, conf.letterbox)
       roles.append(_roles(b, reference))
-    stacked = references.Roles(*(np.stack(x) for x in zip(*roles)))
+    stacked = stack_roles(roles)
     images, stacked = sharding.pad_round(np.stack([b.images for b in round_batches]), stacked, n_dev)
     out = sharding.detect_round(mesh, model, conf, images, stacked, text, bank)
     results = _host_results(out, round_batches, roles)
@@ -234,7 +252,8 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
   position = 0          # stream position: readable images in order (skipped ones take none)
   done = 0
   for b in data.iter_batches(samples, batch_size, conf.image_size, with_masks=False,
-                             skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices):
+                             skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
+                             letterbox=conf.letterbox):
     n = int(b.valid.sum())
     roles = _roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
     out, ring = model.score_stream(conf, b.images, roles, text, ring)

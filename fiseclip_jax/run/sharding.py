@@ -84,7 +84,7 @@ def detect_round(mesh: Mesh, model: Model, conf: FiSeConfig, images: np.ndarray,
   check_references(spec, bank)
   fn = round_fn(mesh, spec)
   data = NamedSharding(mesh, P("data"))
-  roles = Roles(*(jax.device_put(np.asarray(x), data) for x in roles))
+  roles = Roles(*(None if x is None else jax.device_put(np.asarray(x), data) for x in roles))
   return fn(model.params, jax.device_put(images, data), roles, text_input(spec, text), bank)
 
 
@@ -99,8 +99,9 @@ def pad_round(images: np.ndarray, roles, n: int):
   pad = lambda x, fill: np.concatenate([x, np.full((n - k,) + x.shape[1:], fill, x.dtype)])
   images = pad(images, 0)
   if isinstance(roles, Roles):
+    content = None if roles.content is None else pad(np.asarray(roles.content), True)
     return images, Roles(pad(np.asarray(roles.query), False), pad(np.asarray(roles.reference), False),
-                         pad(np.asarray(roles.position), 0))
+                         pad(np.asarray(roles.position), 0), content)
   return images, pad(np.asarray(roles, bool), False)
 
 

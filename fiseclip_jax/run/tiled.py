@@ -69,8 +69,9 @@ def score_tiled(samples: Sequence[Sample], *, tiling: Tiling, model, conf, text,
   """`scoring.score_samples` over tiles: the same arguments (banks: `banks_on`'s list, one per
   tile position), maps and masks at the frames' (H, W). Batches, top-up and skips are the untiled
   scorer's, decided per batch of frames, so every tile position sees the same slots."""
-  if conf.streaming:
-    raise ValueError("tiled scoring takes batch and bank references, not a stream")
+  if conf.streaming or conf.letterbox:
+    raise ValueError("tiled scoring takes batch and bank references, not a stream, and squashes "
+                     "its tiles (not letterbox)")
   samples = list(samples)
   indices = list(range(len(samples)) if indices is None else indices)
   collect = Collector(keep_maps, with_masks and keep_maps)

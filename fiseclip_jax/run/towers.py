@@ -11,6 +11,7 @@ import numpy as np
 
 from fiseclip_jax.convert.checkpoint import load_checkpoint
 from fiseclip_jax.data import load_sample
+from fiseclip_jax.data.preprocess import content_mask
 from fiseclip_jax.method import prompts
 from fiseclip_jax.method.api import Model
 from fiseclip_jax.method.references import External
@@ -44,6 +45,16 @@ def load_images(samples, image_size: int) -> np.ndarray:
   return np.stack([load_sample(s, image_size) for s in samples])
 
 
+def letterboxed_images(samples, image_size: int):
+  """(K, S, S, 3) letterboxed inputs of a few samples and their content (K, S, S) bool."""
+  got = [load_sample(s, image_size, letterbox=True) for s in samples]
+  return (np.stack([x for x, _ in got]),
+          np.stack([content_mask(box, image_size) for _, box in got]))
+
+
 def bank_on(model: Model, conf, samples, mesh) -> External:
   """A known-good bank from samples, built once and replicated on the mesh."""
+  if conf.letterbox:
+    images, content = letterboxed_images(samples, conf.image_size)
+    return sharding.replicate(model.build_bank(conf, images, content=content), mesh)
   return sharding.replicate(model.build_bank(conf, load_images(samples, conf.image_size)), mesh)

@@ -1,6 +1,7 @@
 """Shared test set-up: float32 matmuls at full precision, a compilation cache shared by the
 programs the tests start, the shared data folder, a random HF CLIP."""
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -21,13 +22,47 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# The cache is for the programs the tests start, not for this process, whose jit caches keep
-# what it compiled: writing an entry serializes the executable, and this long-lived process
-# crashed twice inside XLA's serialize (a segfault, then an abort, in the full suite only, never
-# in a part of it). Off here; the processes it starts inherit the variables above and keep it.
+# The cache is for the programs the tests start, not for this process (its entries would be
+# serialized executables this process already holds). Off here; the processes it starts inherit
+# the variables above and keep it.
 jax.config.update("jax_enable_compilation_cache", False)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def memory_mappings() -> int:
+  """This process's memory mappings (lines of /proc/self/maps); 0 where there is no /proc."""
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return 0
+
+
+def mapping_limit() -> int:
+  """The kernel's vm.max_map_count (0 where it cannot be read)."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs(request):
+  """Every program XLA compiles on CPU holds about 8 memory mappings of this process for as long
+  as a jit cache keeps it, and the suite compiles thousands in one process: the full suite reached
+  vm.max_map_count (65530 here) near its end, and the next mmap failed inside XLA's compile or
+  serialize (the segfaults and aborts of the full runs, never of a part). Each module's programs
+  are dropped after it; a module left holding half the limit fails here, by name, not as a crash
+  later."""
+  yield
+  jax.clear_caches()
+  gc.collect()
+  n, limit = memory_mappings(), mapping_limit()
+  if limit and n > limit // 2:
+    pytest.fail(f"{request.module.__name__} left this process with {n} memory mappings "
+                f"(vm.max_map_count {limit}): it compiles too many programs to run in one process")
 
 
 def shared_data(*parts) -> Path:

@@ -48,21 +48,25 @@ def mapping_limit() -> int:
     return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def release_compiled_programs(request):
   """Every program XLA compiles on CPU holds about 8 memory mappings of this process for as long
   as a jit cache keeps it, and the suite compiles thousands in one process: the full suite reached
   vm.max_map_count (65530 here) near its end, and the next mmap failed inside XLA's compile or
-  serialize (the segfaults and aborts of the full runs, never of a part). Each module's programs
-  are dropped after it; a module left holding half the limit fails here, by name, not as a crash
-  later."""
+  serialize (the segfaults and aborts of the full runs, never of a part). After any test that
+  leaves the process above a quarter of the limit, the compiled programs are dropped (the next
+  test compiles what it needs again); a process still above half of it after that fails here, by
+  test, not as a crash later."""
   yield
+  limit = mapping_limit()
+  if not limit or memory_mappings() < limit // 4:
+    return
   jax.clear_caches()
   gc.collect()
-  n, limit = memory_mappings(), mapping_limit()
-  if limit and n > limit // 2:
-    pytest.fail(f"{request.module.__name__} left this process with {n} memory mappings "
-                f"(vm.max_map_count {limit}): it compiles too many programs to run in one process")
+  n = memory_mappings()
+  if n > limit // 2:
+    pytest.fail(f"{request.node.nodeid} left this process with {n} memory mappings after its "
+                f"compiled programs were dropped (vm.max_map_count {limit})")
 
 
 def shared_data(*parts) -> Path:

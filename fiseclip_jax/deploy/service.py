@@ -130,6 +130,7 @@ def mask_png(p) -> Optional[bytes]:
 
 KINDS = {"image": "image/jpeg", "overlay": "image/jpeg", "mask": "image/png"}
 EXTENSION = {"image/jpeg": "jpg", "image/png": "png"}
+DRAIN_FACTOR = 4     # a refused body is read and dropped up to 4 x --max_bytes, then the connection closes
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -205,13 +206,29 @@ def make_app(predictor: Predictor, config: ServeConfig = ServeConfig()) -> FastA
             "limits": {"max_bytes": config.max_bytes, "max_pixels": config.max_pixels,
                        "min_side": min_side, "max_wait_ms": config.max_wait_ms}}
 
+  async def drain(stream) -> None:
+    """Read and drop what a refused client is still sending (up to DRAIN_FACTOR x --max_bytes):
+    a client that sends its whole body before reading (urllib, requests) then reads the refusal
+    instead of a broken pipe."""
+    n = 0
+    async for chunk in stream:
+      n += len(chunk)
+      if n > DRAIN_FACTOR * limits.max_bytes:
+        return
+
   @app.post("/v1/score")
   async def score(request: Request):
-    intake.check_length(request.headers.get("content-length"), limits)
+    stream = request.stream()
+    try:
+      intake.check_length(request.headers.get("content-length"), limits)
+    except intake.Refused:
+      await drain(stream)
+      raise
     chunks, n = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
       n += len(chunk)
       if n > limits.max_bytes:
+        await drain(stream)
         raise intake.Refused(413, f"the body has more than {limits.max_bytes} bytes (--max_bytes)")
       chunks.append(chunk)
     line = intake.check_line(request.query_params.get("line"))

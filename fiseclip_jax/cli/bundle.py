@@ -39,7 +39,7 @@ def define_flags() -> None:
   options.define_tower_flags()
   options.define_bank_flags("--normal_images (default: all of them)",
                             "Seed of the --k_shot draw from --normal_images.")
-  options.define_method_flags()
+  options.define_method_flags(exclude=("reference_scope",))
   options.define_tile_flags()
   options.define_decision_flags()
   flags.DEFINE_string("class_name", None, "Required: what the parts show, as in the prompts (e.g. "

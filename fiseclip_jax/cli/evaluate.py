@@ -47,7 +47,8 @@ def define_flags(dataset: Optional[str] = None) -> None:
   flags.DEFINE_enum("dataset", dataset, list(DATASETS), "The benchmark's file layout.")
   options.define_run_flags("the benchmark's")
   options.define_bank_flags()
-  options.define_method_flags(("batch", "bank", "both"), exclude=("stream_window",))
+  options.define_method_flags(("batch", "bank", "both", options.CATEGORY),
+                              exclude=("stream_window",))
   options.define_tile_flags()
   flags.DEFINE_bool("top_up", True, "Fill a category's short last batch with already-scored images "
                     "as references only, so every image has B - 1 (--notop_up: the paper's batching).")
@@ -131,8 +132,11 @@ def plan(ds: Dataset, ckpts: runtime.Checkpoints, tiling=None) -> Dict[str, Plan
 
 def identity(ds: Dataset, conf, ckpts: runtime.Checkpoints) -> dict:
   """The settings a run's numbers depend on (a resumed run must have the same)."""
+  config = conf.to_dict()
+  if not conf.whole_category:        # as before the setting existed: earlier runs resume
+    del config["reference_scope"]
   ident = {"dataset": ds.name, "data_root": os.path.abspath(FLAGS.data_root),
-           "config": conf.to_dict(), **ckpts.identity(), "seed": FLAGS.seed,
+           "config": config, **ckpts.identity(), "seed": FLAGS.seed,
            "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot, "top_up": FLAGS.top_up}
   if FLAGS.tile is not None:         # only then: an untiled run keeps the identity it had
     ident["tiles"] = {"tile": FLAGS.tile, "overlap": FLAGS.tile_overlap}
@@ -152,6 +156,10 @@ def run(ds: Optional[Dataset] = None) -> Dict[str, dict]:
   runtime.check_model(conf, ckpts)
   plans = plan(ds, ckpts, tiling)
   backend = runtime.start()
+  if conf.whole_category and runtime.engine().jax.process_count() > 1:
+    raise UsageError("--references category compares every image of a category with every "
+                     "other on one process's devices; run it as one process (--num_devices "
+                     "spreads it over this host's devices)")
   conf = options.fise_config(backend, has_bank)
   ident = identity(ds, conf, ckpts)
   done = prepare_out(FLAGS.out, ident, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
@@ -173,6 +181,7 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
         f"{plural(e.jax.process_count(), 'process', 'processes')}, batch {FLAGS.batch_size}, "
         f"{conf.image_size}px, "
         f"{conf.compute_dtype}, references {conf.references}"
+        + (" over the whole category" if conf.whole_category else "")
         + (f" (k_shot {FLAGS.k_shot})" if FLAGS.k_shot else "")
         + (f", tiles of {tiling.tile}px (overlap {tiling.overlap}) at each image's own size"
            if tiling else ""))
@@ -204,7 +213,11 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
                   with_masks=True, keep_maps=True, skip_bad_images=FLAGS.skip_bad_images,
                   on_progress=progress.update, on_skip=warn_skip)
     mine = [samples[i] for i in mine_index]
-    if tiling is None:
+    if conf.whole_category:
+      bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
+      del common["top_up_pool"]                # moot: every image is a reference of every other
+      scored = e.category.score_category(mine, bank=bank, **common)
+    elif tiling is None:
       bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
       scored = e.scoring.score_samples(mine, bank=bank, **common)
     else:

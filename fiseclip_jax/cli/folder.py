@@ -58,7 +58,7 @@ def define_flags() -> None:
   options.define_run_flags("folder", with_data_root=False, multihost=False)
   options.define_bank_flags("--normal_images (default: all of them)",
                             "Seed of the --k_shot draw from --normal_images.")
-  options.define_method_flags()
+  options.define_method_flags(exclude=("reference_scope",))
   options.define_tile_flags()
   flags.DEFINE_string("images", None, "Required: the folder of images to score.")
   flags.DEFINE_string("class_name", None, "Required: what the images show, as in the prompts (e.g. "

@@ -24,6 +24,7 @@ from fiseclip_jax.outputs.overlays import ColourScale
 FLAGS = flags.FLAGS
 STREAM = "rolling"            # --references rolling: a stream (FiSeConfig.stream_window > 0)
 STREAM_DEFAULT_WINDOW = 16    # its window when --stream_window is not given
+CATEGORY = "category"         # --references category: FiSeConfig.reference_scope "category"
 # Knobs whose flag default differs from the field's: resolved when the run starts.
 RESOLVED_LATER = {
     "compute_dtype": "Default: float32 on CPU, bfloat16 on GPU/TPU.",
@@ -107,6 +108,9 @@ def define_method_flags(reference_modes: Sequence[str] = REFERENCE_MODES + (STRE
   if STREAM in reference_modes:       # the help names only what this program accepts
     later["references"] += (f" '{STREAM}': a stream, each image against the --stream_window "
                             "images before it.")
+  if CATEGORY in reference_modes:
+    later["references"] += (f" '{CATEGORY}': every other image of the category (--reference_scope "
+                            "category; with a bank too when one is given).")
   for f in dataclasses.fields(FiSeConfig):
     if f.name in exclude:
       continue
@@ -122,6 +126,9 @@ def fise_config(backend: str, has_bank: bool, flag_values: flags.FlagValues = FL
   if kw.get("references") == STREAM:
     kw["references"] = "batch"
     kw["stream_window"] = kw.get("stream_window") or STREAM_DEFAULT_WINDOW
+  if kw.get("references") == CATEGORY:
+    kw["references"] = None
+    kw["reference_scope"] = CATEGORY
   if kw.get("references", "") is None:
     kw["references"] = "both" if has_bank else "batch"
   if kw.get("stream_window", 0) is None:
@@ -294,7 +301,11 @@ def check_run_flags(has_bank: bool, references: Optional[str]) -> None:
   range is checked when it is parsed: `check`)."""
   mode = references or ("both" if has_bank else "batch")
   stream = mode == STREAM or bool("stream_window" in FLAGS and FLAGS.stream_window)
-  if mode == "batch" and not stream and FLAGS.batch_size < 2:
+  whole = mode == CATEGORY or ("reference_scope" in FLAGS and FLAGS.reference_scope == CATEGORY)
+  if whole and "tile" in FLAGS and FLAGS.tile is not None:
+    raise UsageError("--references category scores whole images against the whole category; "
+                     "--tile is for batches of frames: choose one")
+  if mode == "batch" and not stream and not whole and FLAGS.batch_size < 2:
     raise UsageError(f"--batch_size {FLAGS.batch_size} leaves no image a reference in "
                      "--references batch: use >= 2, or a bank of known-good images")
   if mode in ("bank", "both") and not has_bank:

@@ -131,12 +131,12 @@ def start() -> str:
 
 
 def engine() -> types.SimpleNamespace:
-  """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring (whole images
-  and tiles) and sharding."""
+  """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring (whole images,
+  tiles, whole categories) and sharding."""
   import jax  # pylint: disable=import-outside-toplevel  (the crossing)
-  from fiseclip_jax.run import scoring, sharding, tiled, towers  # pylint: disable=import-outside-toplevel
+  from fiseclip_jax.run import category, scoring, sharding, tiled, towers  # pylint: disable=import-outside-toplevel
   return types.SimpleNamespace(jax=jax, scoring=scoring, sharding=sharding, tiled=tiled,
-                               towers=towers)
+                               towers=towers, category=category)
 
 
 def convert_engine() -> types.SimpleNamespace:

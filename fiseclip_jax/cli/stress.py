@@ -35,7 +35,8 @@ def define_flags() -> None:
   flags.DEFINE_string("class_name", None, "The class name of the prompts (default: the "
                       "folder's name).")
   flags.DEFINE_string("out", "results/stress", "Output folder.")
-  options.define_method_flags(exclude=("references", "ref_agg", "stream_window", "resize"))
+  options.define_method_flags(exclude=("references", "ref_agg", "stream_window", "resize",
+                                       "reference_scope"))
   for f in dataclasses.fields(StressConfig):
     options.define_field_flag(f)
 

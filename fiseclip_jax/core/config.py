@@ -24,6 +24,7 @@ def config_from_dict(cls, d: dict):
 VOTES = tuple(VOTE_RULES)
 IMAGE_SCORES = tuple(IMAGE_SCORE_RULES)
 REFERENCE_MODES = ("batch", "bank", "both")
+REFERENCE_SCOPES = ("batch", "category")
 REF_AGGS = ("interval", "min")
 PROXY_HEADS = ("mean", "per_head")
 PROXY_ATTENTIONS = ("layer", "vv", "qq", "kk")
@@ -93,6 +94,10 @@ class FiSeConfig:
   # FiCLIP-AD and mutual filtering.
   references: str = knob("batch", "Who is compared with whom: the other images of the batch "
                          "(paper), a known-good bank, or both (DESIGN.md §5).", REFERENCE_MODES)
+  reference_scope: str = knob("batch", "What 'the other images' are for references 'batch' and "
+                             "'both': those of the image's batch (paper), or every other image of "
+                             "its category, scored in blocks of the batch size (MuSc's protocol; "
+                             "DESIGN.md §5).", REFERENCE_SCOPES)
   stream_window: int = knob(0, "Score a stream (a production line): each image against the K "
                             "images just before it, in the batch or in a ring buffer (DESIGN.md "
                             "§5); 0: not a stream. With references 'batch' only.")
@@ -149,6 +154,13 @@ class FiSeConfig:
       raise ConfigError("stream_window", f"{self.stream_window} with references "
                         f"{self.references!r}: a stream's references are the images before each "
                         "one (references 'batch'); a bank does not combine with a stream")
+    if self.whole_category and self.references == "bank":
+      raise ConfigError("reference_scope", "'category' with references 'bank': the scope is "
+                        "that of the other images, and a bank alone compares none; use "
+                        "references 'batch' or 'both'")
+    if self.whole_category and self.stream_window:
+      raise ConfigError("reference_scope", f"'category' with stream_window {self.stream_window}: "
+                        "a stream's references are the images before each one")
     if self.match_window is not None and self.match_window < 0:
       raise ConfigError("match_window", f"{self.match_window}; expected >= 0 (or unset: every "
                         "patch)")
@@ -194,6 +206,11 @@ class FiSeConfig:
   def letterbox(self) -> bool:
     """Whether images are letterboxed (their aspect kept) rather than squashed."""
     return self.resize == "letterbox"
+
+  @property
+  def whole_category(self) -> bool:
+    """Whether every image of a category is a reference of every other (not only its batch's)."""
+    return self.reference_scope == "category"
 
   @property
   def streaming(self) -> bool:

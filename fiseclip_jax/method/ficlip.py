@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fractions
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +222,65 @@ def mutual_scores(feats: Array, exclude: Array, valid: Array, topk_frac: float =
   return scores[0]
 
 
+def blocked_scores(q_steps: Array, q_step, r_steps: Array, r_step, r_exclude: Array,
+                   cands: Array, block: int, *,
+                   topk_frac: float, agg: str, pair_chunk: int = 8,
+                   grid: Optional[Tuple[int, int]] = None, match_window: Optional[int] = None,
+                   ext_feats: Optional[Array] = None, ext_exclude: Optional[Array] = None,
+                   ext_cands: Optional[Array] = None) -> Tuple[Array, Array]:
+  """`aggregate` over every candidate reference, computed in blocks (DESIGN.md §5, category).
+
+  q_steps (S, G, B, N, C) queries and r_steps (S', G, R, N, C) references at every step, of which
+  steps q_step and r_step are scored (sliced block by block, never copied whole); r_exclude (R, N) the
+  references' masks; cands (B, R) bool; B and R multiples of `block`. Optional external references
+  ext_feats (G, K, M, C), ext_exclude (K, M), ext_cands (B, K). Returns (s (G, B, N), n_ref (B,)),
+  the same as `aggregate` over all distances at once: each block of `block` queries gathers its
+  distances to every reference, block by block of references, before its exact aggregate, so
+  memory holds one query block's (G, block, R + K, N) distances and one reference block's pair
+  work, never (B, R) pairs. A reference block with no candidate of the query block is skipped
+  (`lax.cond`: padding blocks cost nothing), as is a query block with none at all.
+  """
+  _, g, b, n, _ = q_steps.shape
+  r = r_steps.shape[2]
+  if b % block or r % block:
+    raise ValueError(f"blocked_scores: {b} queries and {r} references must be multiples of the "
+                     f"block {block}")
+  per_patch = windowed(grid, match_window)
+  slice_ = lambda x, i, axis: jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
+  at_step = lambda x, step, i: jax.lax.dynamic_index_in_dim(slice_(x, i, 2), step, 0,
+                                                            keepdims=False)
+
+  def query_block(i):
+    qf, qc = at_step(q_steps, q_step, i), slice_(cands, i, 0)                      # (G, bq, N, C), (bq, R)
+    qe = None if ext_cands is None else slice_(ext_cands, i, 0)             # (bq, K)
+
+    def ref_block(j):
+      c = slice_(qc, j, 1)                                                  # (bq, br)
+      return jax.lax.cond(
+          c.any(),
+          lambda: external_min_distances(qf, at_step(r_steps, r_step, j),
+                                         slice_(r_exclude, j, 0),
+                                         pair_chunk, grid, match_window),
+          lambda: jnp.full((g, block, block, n), jnp.inf, jnp.float32))     # (G, bq, br, N)
+
+    def scores():
+      d = jax.lax.map(ref_block, jnp.arange(r // block))                    # (Rb, G, bq, br, N)
+      d = d.transpose(1, 2, 0, 3, 4).reshape(g, block, r, n)                # (G, bq, R, N)
+      c = qc
+      if ext_feats is not None:
+        d = jnp.concatenate([d, external_min_distances(qf, ext_feats, ext_exclude, pair_chunk,
+                                                       grid, match_window)], axis=2)
+        c = jnp.concatenate([qc, qe], axis=1)
+      return aggregate(d, c, topk_frac, agg, per_patch)
+
+    anything = qc.any() if qe is None else qc.any() | qe.any()
+    return jax.lax.cond(anything, scores, lambda: (jnp.zeros((g, block, n), jnp.float32),
+                                                   jnp.zeros((block,), jnp.int32)))
+
+  s, n_ref = jax.lax.map(query_block, jnp.arange(b // block))              # (Qb, G, bq, N), (Qb, bq)
+  return s.transpose(1, 0, 2, 3).reshape(g, b, n), n_ref.reshape(b)
+
+
 class FilterResult(NamedTuple):
   step_scores: Array   # (n_steps, B, N) mean masked score of each step's feature maps (0 without reference)
   masks: Array         # (n_steps, B, N) exclusion mask used by each step
@@ -234,7 +293,8 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
                      external: Optional[External] = None, ext_refs: Optional[Array] = None,
                      batch_pairs: bool = True, grid: Optional[Tuple[int, int]] = None,
                      match_window: Optional[int] = None,
-                     padding: Optional[Array] = None) -> FilterResult:
+                     padding: Optional[Array] = None, block: Optional[int] = None,
+                     gather: Optional[Callable[[Array, int], Array]] = None) -> FilterResult:
   """Algorithm 1 as a `lax.scan` over filtering steps (DESIGN.md §5, §6).
 
   steps (S, G, B, N, C): the feature maps of each step (G maps averaged per step); mask0 (B, N);
@@ -246,19 +306,38 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
   batch_pairs=False skips the batch's pair distances (no batch candidates: bank-only scoring).
   match_window (with the (h, w) grid of N): aligned matching, `pair_min_distances`.
   padding (B, N) bool: letterbox padding, excluded from every step's mask whatever the votes.
+  block (whole-category references): the batch's pairs in blocks of `block` (`blocked_scores`);
+  gather(x, axis), with block, makes the references of every device from this device's slots
+  (an all-gather over the mesh; batch_refs is then (B, R), R the slots of all devices).
   """
   vote = VOTE_RULES[rule]
   keep_out = (lambda m: m) if padding is None else (lambda m: m | padding)
   b = mask0.shape[0]
-  if external is None:
-    xs = (steps,)
-  else:
-    xs = (steps, external.feats, external.masks)
+  # In blocks, a step's features are sliced from `steps` block by block (scanning them would copy
+  # each step whole); at once, the step's maps are scanned.
+  xs = (jnp.arange(steps.shape[0]) if block else steps,)
+  if external is not None:
+    xs += (external.feats, external.masks)
 
-  def step(carry, x):
-    mask, votes, voters = carry
-    mask = keep_out(mask)
-    group = x[0]
+  per_patch = windowed(grid, match_window)
+
+  def blocked(step_index, mask, x):
+    """The step's scores (G, B, N) and n_ref over the whole batch (and the mesh), in blocks."""
+    if gather is None:
+      r_steps, r_step, r_mask = steps, step_index, mask
+    else:   # every device's slots of this step, once
+      r_steps, r_step, r_mask = gather(steps[step_index], 1)[None], 0, gather(mask, 0)
+    ext = {}
+    if external is not None:
+      ext = dict(ext_feats=x[1], ext_exclude=x[2],
+                 ext_cands=ext_refs & ~jnp.all(x[2], axis=-1)[None, :])
+    return blocked_scores(steps, step_index, r_steps, r_step, r_mask,
+                          batch_refs & ~jnp.all(r_mask, axis=-1)[None, :], block,
+                          topk_frac=topk_frac, agg=agg, pair_chunk=pair_chunk, grid=grid,
+                          match_window=match_window, **ext)
+
+  def at_once(group, mask, x):
+    """The step's scores (G, B, N) and n_ref from every pair's distances at once."""
     ds, cands = [], []
     if batch_pairs:
       ds.append(pair_min_distances(group, mask, pair_chunk, grid, match_window))  # (G, B, B, N)
@@ -268,12 +347,16 @@ def mutual_filtering(steps: Array, mask0: Array, batch_refs: Array, *, mu: float
       ds.append(external_min_distances(group, ext_feats, ext_mask, pair_chunk, grid,
                                        match_window))                        # (G, B, K, N)
       cands.append(ext_refs & ~jnp.all(ext_mask, axis=-1)[None, :])
-    if ds:
-      s, n_ref = aggregate(jnp.concatenate(ds, axis=2), jnp.concatenate(cands, axis=1),
-                           topk_frac, agg, per_patch=windowed(grid, match_window))
-      a = s.mean(axis=0)                                                     # (B, N)
-    else:
-      a, n_ref = jnp.zeros(mask.shape, jnp.float32), jnp.zeros((b,), jnp.int32)
+    if not ds:
+      return jnp.zeros((1,) + mask.shape, jnp.float32), jnp.zeros((b,), jnp.int32)
+    return aggregate(jnp.concatenate(ds, axis=2), jnp.concatenate(cands, axis=1), topk_frac, agg,
+                     per_patch=per_patch)
+
+  def step(carry, x):
+    mask, votes, voters = carry
+    mask = keep_out(mask)
+    s, n_ref = (blocked if block else at_once)(x[0], mask, x)
+    a = s.mean(axis=0)                                                       # (B, N)
     has_ref = n_ref > 0
     votes = votes + ((a > mu) & has_ref[:, None]).astype(jnp.int32)
     voters = voters + has_ref.astype(jnp.int32)

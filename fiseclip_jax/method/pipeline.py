@@ -39,6 +39,8 @@ class DetectResult(NamedTuple):
   n_candidates: Array    # (B,) candidate references before any mask (0: none at all)
   seclip_only: Array     # (B,) bool: references at no step, the map is SeCLIP's P_a alone
   patch_map: Array       # (B, h, w) fused patch-level map
+  image_embed: Array     # (B, D) image-level embedding: CLIP's CLS embedding, else the FiCLIP
+  #                        tower's CLS token at its last feature layer (RsCIN, DESIGN.md §18)
 
 
 class Features(NamedTuple):
@@ -90,17 +92,22 @@ def lnamd_stage(spec: Spec, layer_tokens: Array, grid) -> Array:
 
 def filter_stage(spec: Spec, steps: Array, mask0: Array, roles: Roles,
                  external: Optional[External], grid=None,
-                 padding: Optional[Array] = None) -> Tuple[FilterResult, Array]:
+                 padding: Optional[Array] = None, block: Optional[int] = None,
+                 gather=None, others: Optional[Array] = None,
+                 offset=0) -> Tuple[FilterResult, Array]:
   """FiCLIP matching with mutual filtering: (FilterResult, n_candidates (B,)). grid: the (h, w)
   patch grid of N, which a match window needs; padding (B, N): letterbox patches, never a
-  reference."""
+  reference. Whole-category references: block, the pairs' block size; over devices, gather (an
+  all-gather of this device's slots), others (R,) every slot's reference flag and offset, this
+  device's first slot among them (`ficlip.mutual_filtering`, `references.candidates`)."""
   conf = spec.conf
-  batch_refs, ext_refs = references.candidates(conf, roles, external)
+  batch_refs, ext_refs = references.candidates(conf, roles, external, others, offset)
   filt = ficlip.mutual_filtering(steps, mask0, batch_refs, mu=conf.mu, rule=conf.vote,
                                  topk_frac=conf.topk_frac, agg=conf.ref_agg,
                                  pair_chunk=conf.pair_chunk, external=external, ext_refs=ext_refs,
                                  batch_pairs=references.uses_batch_pairs(conf), grid=grid,
-                                 match_window=conf.match_window, padding=padding)
+                                 match_window=conf.match_window, padding=padding,
+                                 block=block, gather=gather)
   n_candidates = batch_refs.sum(axis=1) + (0 if ext_refs is None else ext_refs.sum(axis=1))
   return filt, n_candidates.astype(jnp.int32)
 
@@ -137,25 +144,49 @@ def score_stage(spec: Spec, cls_score: Array, pixel_maps: Array,
   return IMAGE_SCORE_RULES[rule](cls_score, peak)
 
 
+class Part(NamedTuple):
+  """What FiCLIP's filter needs of a batch, and SeCLIP's half of its results (whole-category
+  references keep one per batch until the category's filter has run)."""
+  se: seclip.SeCLIPOut        # cls_score (B,), seg_prob (B, N, 2), mask0 (B, N)
+  steps: Array                # (S, G, B, N, C) FiCLIP's feature steps
+  padding: Optional[Array]    # (B, N) letterbox padding patches (None: squashed images)
+  embed: Array                # (B, D) image-level embedding (`DetectResult.image_embed`)
+
+
+def encode_part(spec: Spec, params: Params, images: Array, roles: Roles, text: Array) -> Part:
+  """Encode, SeCLIP branch and LNAMD of a batch: images (B, S, S, 3)."""
+  grid = spec.grid(images.shape[1:3])
+  feats = encode(spec, params, images)
+  se = seclip_stage(spec, params, feats, text, grid[0] * grid[1])
+  steps = lnamd_stage(spec, feats.layer_tokens, grid)
+  padding = None if roles.content is None else references.padding_patches(roles.content, grid)
+  embed = feats.text.cls_embed if spec.has_text else feats.layer_tokens[-1][:, 0]
+  return Part(se, steps, padding, embed.astype(jnp.float32))
+
+
+def finish(spec: Spec, part: Part, filt: FilterResult, n_candidates: Array,
+           out_hw: Tuple[int, int], content: Optional[Array] = None) -> DetectResult:
+  """Fusion, maps and image score of a batch from its part and its filter's result."""
+  se = part.se
+  b = se.cls_score.shape[0]
+  grid = spec.grid(out_hw)
+  patch_map = fusion_stage(spec, se.seg_prob, filt.step_scores, filt.n_ref).reshape(b, *grid)
+  pixel_maps = maps_stage(spec, patch_map, out_hw)
+  return DetectResult(score_stage(spec, se.cls_score, pixel_maps, content), pixel_maps,
+                      se.cls_score, se.seg_prob, se.mask0, filt.step_scores, filt.masks,
+                      filt.final_mask, filt.n_ref[0], filt.n_ref, n_candidates,
+                      ~jnp.any(filt.n_ref > 0, axis=0), patch_map, part.embed)
+
+
 def score(spec: Spec, params: Params, images: Array, roles: Roles, text: Array,
           external: Optional[External]) -> Tuple[DetectResult, Array]:
   """The stages in order: (results, the batch's FiCLIP feature steps, which a stream's ring keeps)."""
   with matmul_precision(spec.conf):
-    b, s_h, s_w, _ = images.shape
-    grid = spec.grid((s_h, s_w))
-    feats = encode(spec, params, images)
-    se = seclip_stage(spec, params, feats, text, grid[0] * grid[1])
-    steps = lnamd_stage(spec, feats.layer_tokens, grid)
-    padding = None if roles.content is None else references.padding_patches(roles.content, grid)
-    filt, n_candidates = filter_stage(spec, steps, se.mask0, roles, external, grid, padding)
-    patch_map = fusion_stage(spec, se.seg_prob, filt.step_scores, filt.n_ref).reshape(b, *grid)
-    pixel_maps = maps_stage(spec, patch_map, (s_h, s_w))
-    res = DetectResult(score_stage(spec, se.cls_score, pixel_maps, roles.content), pixel_maps,
-                       se.cls_score,
-                       se.seg_prob, se.mask0, filt.step_scores, filt.masks, filt.final_mask,
-                       filt.n_ref[0], filt.n_ref, n_candidates, ~jnp.any(filt.n_ref > 0, axis=0),
-                       patch_map)
-    return res, steps
+    part = encode_part(spec, params, images, roles, text)
+    grid = spec.grid(images.shape[1:3])
+    filt, n_candidates = filter_stage(spec, part.steps, part.se.mask0, roles, external, grid,
+                                      part.padding)
+    return finish(spec, part, filt, n_candidates, images.shape[1:3], roles.content), part.steps
 
 
 def detect_batch(spec: Spec, params: Params, images, roles: Roles, text, external) -> DetectResult:

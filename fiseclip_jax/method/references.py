@@ -92,18 +92,24 @@ def window_relation(pos_u: Array, pos_v: Array, window: int) -> Array:
   return (diff >= 1) & (diff <= window)
 
 
-def candidates(conf, roles: Roles, external: Optional[External]) -> Tuple[Array, Optional[Array]]:
-  """Candidate references of each slot: (batch (B, B) bool, external (B, K) bool or None).
+def candidates(conf, roles: Roles, external: Optional[External], others: Optional[Array] = None,
+               offset=0) -> Tuple[Array, Optional[Array]]:
+  """Candidate references of each slot: (batch (B, R) bool, external (B, K) bool or None).
 
   references "batch": every other reference slot; "bank": every valid external entry; "both": the
   two. A stream (conf.stream_window K > 0): the K stream positions before the slot's, in the batch
-  or in the ring. Padding slots (neither flag) get none.
+  or in the ring. Padding slots (neither flag) get none. others (R,): the reference flags of every
+  slot of a category spread over devices, this batch's slots being others[offset:offset + B]
+  (default: this batch alone, R = B).
   """
   b = roles.query.shape[0]
   active = roles.query | roles.reference                                    # (B,)
   if conf.streaming:
     batch = roles.reference[None, :] & window_relation(roles.position, roles.position,
                                                         conf.stream_window)
+  elif conf.references in ("batch", "both") and others is not None:
+    itself = (offset + jnp.arange(b))[:, None] == jnp.arange(others.shape[0])[None, :]
+    batch = others[None, :] & ~itself                                       # (B, R)
   elif conf.references in ("batch", "both"):
     batch = roles.reference[None, :] & ~jnp.eye(b, dtype=bool)
   else:

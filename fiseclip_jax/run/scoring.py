@@ -106,7 +106,8 @@ class Collector:
         masks=cat("masks", (0, *hw), bool) if self.keep_masks else None, skipped=skipped)
 
 
-def _skip_recorder(skipped: List[str], also: Optional[Callable]) -> Callable:
+def skip_recorder(skipped: List[str], also: Optional[Callable]) -> Callable:
+  """on_skip that also appends the skipped image's path to `skipped`."""
   def record(path, err):
     skipped.append(path)
     if also is not None:
@@ -146,7 +147,8 @@ def top_up(batch: Batch, pool: Sequence[Sample], image_size: int, skip_bad_image
   return reference
 
 
-def _roles(batch: Batch, reference: np.ndarray, position: Optional[np.ndarray] = None):
+def batch_roles(batch: Batch, reference: np.ndarray, position: Optional[np.ndarray] = None):
+  """A batch's roles: its valid slots are queries, `reference` its reference flags."""
   position = np.arange(len(batch.valid), dtype=np.int32) if position is None else position
   return references.Roles(batch.valid.copy(), reference, position.astype(np.int32),
                           batch.content())
@@ -165,7 +167,7 @@ def squashed_maps(maps: np.ndarray, boxes: Optional[np.ndarray]) -> np.ndarray:
   return np.stack([data.unletterbox(m, tuple(b)) for m, b in zip(maps, boxes)])
 
 
-def _host_results(out, round_batches, round_roles, stacked: bool = True) -> List[BatchResult]:
+def host_results(out, round_batches, round_roles, stacked: bool = True) -> List[BatchResult]:
   """Split a round's device outputs (n, B, ...) (one batch's (B, ...) if not stacked) into
   per-batch host results."""
   fields = ("image_scores", "anomaly_maps", "n_ref", "seclip_only", "n_candidates")
@@ -196,7 +198,7 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
   n_dev = mesh.devices.size
   size = conf.image_size
   skipped: List[str] = []
-  on_skip = _skip_recorder(skipped, on_skip)
+  on_skip = skip_recorder(skipped, on_skip)
   collect = Collector(keep_maps, with_masks and keep_maps)
   batches = data.iter_batches(samples, batch_size, size, with_masks=with_masks,
                               skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
@@ -210,11 +212,11 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
       reference = b.valid.copy()
       if use_top_up and not b.valid.all():
         reference = top_up(b, top_up_pool, size, skip_bad_images, on_skip, conf.letterbox)
-      roles.append(_roles(b, reference))
+      roles.append(batch_roles(b, reference))
     stacked = stack_roles(roles)
     images, stacked = sharding.pad_round(np.stack([b.images for b in round_batches]), stacked, n_dev)
     out = sharding.detect_round(mesh, model, conf, images, stacked, text, bank)
-    results = _host_results(out, round_batches, roles)
+    results = host_results(out, round_batches, roles)
     for r in results:
       collect.add(r)
       if on_batch is not None:
@@ -246,7 +248,7 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
   images before it, `batch_size` images per accelerator call on one device. Results do not depend
   on `batch_size`."""
   skipped: List[str] = []
-  on_skip = _skip_recorder(skipped, on_skip)
+  on_skip = skip_recorder(skipped, on_skip)
   collect = Collector(keep_maps, False)
   ring = model.empty_stream(conf)
   position = 0          # stream position: readable images in order (skipped ones take none)
@@ -255,10 +257,10 @@ def score_stream_samples(samples: Sequence[Sample], *, model: Model, conf, text,
                              skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
                              letterbox=conf.letterbox):
     n = int(b.valid.sum())
-    roles = _roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
+    roles = batch_roles(b, b.valid.copy(), position + np.arange(len(b.valid)))
     out, ring = model.score_stream(conf, b.images, roles, text, ring)
     position += n
-    r = _host_results(out, [b], [roles], stacked=False)[0]
+    r = host_results(out, [b], [roles], stacked=False)[0]
     collect.add(r)
     if on_batch is not None:
       on_batch(r)

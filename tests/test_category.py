@@ -18,7 +18,7 @@ import fiseclip_jax as fj
 from conftest import SHARED_DATA
 from fiseclip_jax.core.config import ConfigError
 from fiseclip_jax.data import demo_root, mvtec_samples
-from fiseclip_jax.method import ficlip, references
+from fiseclip_jax.method import ficlip, references, rescore
 from fiseclip_jax.method.api import text_input
 from fiseclip_jax.run import category, scoring, sharding, towers
 
@@ -202,7 +202,9 @@ def test_the_program_over_the_category_on_eight_devices_equals_one_batch_of_all(
   n = len(samples)
   procs = [run_eval(tmp_path / "category", "--references=category", "--batch_size=4",
                     "--num_devices=8", devices=8),
-           run_eval(tmp_path / "batch", f"--batch_size={n}")]
+           run_eval(tmp_path / "batch", f"--batch_size={n}"),
+           run_eval(tmp_path / "rescored", "--references=category", "--batch_size=8",
+                    "--rescore=rscin")]
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, out + err[-3000:]
@@ -215,3 +217,23 @@ def test_the_program_over_the_category_on_eight_devices_equals_one_batch_of_all(
   assert doc["identity"]["config"]["reference_scope"] == "category"
   batch_doc = json.loads((tmp_path / "batch" / "results.json").read_text())
   assert "reference_scope" not in batch_doc["identity"]["config"]   # earlier runs still resume
+  assert "rescore" not in batch_doc["identity"] and batch_doc["rescore"] is None
+  # --rescore rscin: image scores change, maps (the pixel metrics) do not; recorded.
+  rescored = scores_of(tmp_path / "rescored")
+  assert rescored.keys() == want.keys()
+  assert max(abs(rescored[k] - want[k]) for k in want) > 1e-3
+  doc = json.loads((tmp_path / "rescored" / "results.json").read_text())
+  assert doc["rescore"] == doc["identity"]["rescore"] == {"method": "rscin", "ks": [1, 2, 3]}
+  pixel = lambda d: d["categories"]["hazelnut"]["metrics"]["pixel"]
+  assert pixel(doc) == pytest.approx(pixel(batch_doc), abs=1e-6)
+
+
+def test_rscin_over_the_category_is_the_same_in_both_modes(model, samples):
+  """RsCIN reads each image's score and CLS embedding: both equal between the modes."""
+  m, text = model
+  whole = category.score_category(samples, model=m, conf=WHOLE, text=text,
+                                  mesh=sharding.make_mesh(), batch_size=8).sorted()
+  batch = one_batch_of_all(model, samples, CONF)
+  np.testing.assert_allclose(whole.embeds, batch.embeds, rtol=0, atol=TOL)
+  np.testing.assert_allclose(rescore.rscin(whole.scores, whole.embeds),
+                             rescore.rscin(batch.scores, batch.embeds), rtol=0, atol=TOL)

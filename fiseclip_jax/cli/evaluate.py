@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional
 
+import numpy as np
 from absl import flags
 
 from fiseclip_jax import data
@@ -40,6 +41,7 @@ from fiseclip_jax.outputs.provenance import versions
 from fiseclip_jax.outputs.run_folder import prepare_out
 
 FLAGS = flags.FLAGS
+RSCIN_KS = (1, 2, 3)   # RsCIN's window sizes, MuSc's on MVTec AD and BTAD (DESIGN.md §18)
 
 
 def define_flags(dataset: Optional[str] = None) -> None:
@@ -52,6 +54,10 @@ def define_flags(dataset: Optional[str] = None) -> None:
   options.define_tile_flags()
   flags.DEFINE_bool("top_up", True, "Fill a category's short last batch with already-scored images "
                     "as references only, so every image has B - 1 (--notop_up: the paper's batching).")
+  flags.DEFINE_enum("rescore", None, ["rscin"], "Re-score each category's image scores after "
+                    "scoring: rscin, MuSc's RsCIN (each image with its most similar images of the "
+                    f"category by CLS embedding, windows k = {', '.join(map(str, RSCIN_KS))}; "
+                    "DESIGN.md §18). Maps are unchanged.")
   flags.DEFINE_string("class_name", None, "One object name in every category's prompts (default: "
                       "the category's name; BTAD: 'product').")
   flags.DEFINE_bool("save_maps", False, "Write every image's overlay (PNG at its own size) to maps/.")
@@ -140,6 +146,8 @@ def identity(ds: Dataset, conf, ckpts: runtime.Checkpoints) -> dict:
            "batch_size": FLAGS.batch_size, "k_shot": FLAGS.k_shot, "top_up": FLAGS.top_up}
   if FLAGS.tile is not None:         # only then: an untiled run keeps the identity it had
     ident["tiles"] = {"tile": FLAGS.tile, "overlap": FLAGS.tile_overlap}
+  if FLAGS.rescore:
+    ident["rescore"] = rescore_record()
   return ident
 
 
@@ -189,6 +197,7 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
             "config": conf.to_dict(), "model_config": dataclasses.asdict(ckpts.cfg),
             "checkpoint": ckpts.checkpoint, "fi_checkpoint": ckpts.fi_checkpoint,
             "batch_size": FLAGS.batch_size, "seed": FLAGS.seed, "versions": versions(),
+            "rescore": rescore_record() if FLAGS.rescore else None,
             "devices": {"platform": devices[0].platform, "per_process": len(devices),
                         "processes": e.jax.process_count()}}
   where = category_outputs.CategoryOutputs(FLAGS.out, FLAGS.data_root, FLAGS.map_range,
@@ -226,6 +235,9 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
       scored = e.tiled.score_tiled(mine, tiling=tiling, banks=banks, **common)
     progress.close()
     scored = scored.gather().sorted()
+    if FLAGS.rescore and len(scored.scores):
+      scored = dataclasses.replace(scored, scores=np.asarray(
+          e.rescore.rscin(scored.scores, scored.embeds, ks=RSCIN_KS), np.float32))
     if not is_main:
       continue
     if FLAGS.progress:
@@ -244,6 +256,11 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
     print(results.table({**done, "mean": {"metrics": results.mean_metrics(done)}}))
     print(f"wrote {os.path.join(FLAGS.out, results.RESULTS_JSON)}, results.csv and scores/ per category")
   return done
+
+
+def rescore_record() -> dict:
+  """How image scores were re-scored, as results.json records it."""
+  return {"method": FLAGS.rescore, "ks": list(RSCIN_KS)}
 
 
 def warn_skip(path: str, err: Exception) -> None:

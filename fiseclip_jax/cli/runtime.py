@@ -132,11 +132,12 @@ def start() -> str:
 
 def engine() -> types.SimpleNamespace:
   """The JAX side of the scoring programs: jax itself, and `run`'s towers, scoring (whole images,
-  tiles, whole categories) and sharding."""
+  tiles, whole categories), sharding and re-scoring."""
   import jax  # pylint: disable=import-outside-toplevel  (the crossing)
+  from fiseclip_jax.method import rescore  # pylint: disable=import-outside-toplevel
   from fiseclip_jax.run import category, scoring, sharding, tiled, towers  # pylint: disable=import-outside-toplevel
   return types.SimpleNamespace(jax=jax, scoring=scoring, sharding=sharding, tiled=tiled,
-                               towers=towers, category=category)
+                               towers=towers, category=category, rescore=rescore)
 
 
 def convert_engine() -> types.SimpleNamespace:

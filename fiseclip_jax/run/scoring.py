@@ -30,6 +30,7 @@ class BatchResult(NamedTuple):
   n_ref: np.ndarray          # (B,)
   seclip_only: np.ndarray    # (B,) bool
   n_candidates: np.ndarray   # (B,) candidate references before any mask
+  embeds: np.ndarray         # (B, D) image-level embeddings (RsCIN's neighbourhoods)
 
   @property
   def no_candidates(self) -> np.ndarray:
@@ -48,6 +49,7 @@ class Scored:
   no_candidates: np.ndarray         # (n,) bool: no candidate reference at all
   maps: Optional[np.ndarray] = None    # (n, S, S) float32 when kept
   masks: Optional[np.ndarray] = None   # (n, S, S) bool when kept
+  embeds: Optional[np.ndarray] = None  # (n, D) image-level embeddings (RsCIN, DESIGN.md §18)
   skipped: List[str] = dataclasses.field(default_factory=list)   # unreadable images (paths)
 
   def gather(self) -> "Scored":
@@ -56,7 +58,7 @@ class Scored:
     return dataclasses.replace(
         self, index=g(self.index), labels=g(self.labels), scores=g(self.scores),
         n_ref=g(self.n_ref), seclip_only=g(self.seclip_only), no_candidates=g(self.no_candidates),
-        maps=g(self.maps), masks=g(self.masks))
+        maps=g(self.maps), masks=g(self.masks), embeds=g(self.embeds))
 
   def sorted(self) -> "Scored":
     """Rows in sample-list order."""
@@ -78,7 +80,7 @@ class Collector:
   def __init__(self, keep_maps: bool, keep_masks: bool):
     self.keep_maps, self.keep_masks = keep_maps, keep_masks
     self.rows = {k: [] for k in ("index", "labels", "scores", "n_ref", "seclip_only",
-                                 "no_candidates", "maps", "masks")}
+                                 "no_candidates", "maps", "masks", "embeds")}
 
   def add(self, r: BatchResult) -> None:
     q = r.query
@@ -88,6 +90,7 @@ class Collector:
     self.rows["n_ref"].append(r.n_ref[q])
     self.rows["seclip_only"].append(r.seclip_only[q])
     self.rows["no_candidates"].append(r.no_candidates[q])
+    self.rows["embeds"].append(r.embeds[q])
     if self.keep_maps:
       self.rows["maps"].append(r.maps[q])
     if self.keep_masks and r.batch.masks is not None:
@@ -103,7 +106,9 @@ class Collector:
         scores=cat("scores", (0,), np.float32), n_ref=cat("n_ref", (0,), np.int32),
         seclip_only=cat("seclip_only", (0,), bool), no_candidates=cat("no_candidates", (0,), bool),
         maps=cat("maps", (0, *hw), np.float32) if self.keep_maps else None,
-        masks=cat("masks", (0, *hw), bool) if self.keep_masks else None, skipped=skipped)
+        masks=cat("masks", (0, *hw), bool) if self.keep_masks else None,
+        embeds=np.concatenate(self.rows["embeds"]).astype(np.float32) if self.rows["embeds"]
+        else None, skipped=skipped)
 
 
 def skip_recorder(skipped: List[str], also: Optional[Callable]) -> Callable:
@@ -170,13 +175,13 @@ def squashed_maps(maps: np.ndarray, boxes: Optional[np.ndarray]) -> np.ndarray:
 def host_results(out, round_batches, round_roles, stacked: bool = True) -> List[BatchResult]:
   """Split a round's device outputs (n, B, ...) (one batch's (B, ...) if not stacked) into
   per-batch host results."""
-  fields = ("image_scores", "anomaly_maps", "n_ref", "seclip_only", "n_candidates")
+  fields = ("image_scores", "anomaly_maps", "n_ref", "seclip_only", "n_candidates", "image_embed")
   host = {f: np.asarray(getattr(out, f)) for f in fields}
   if not stacked:
     host = {f: v[None] for f, v in host.items()}
   return [BatchResult(b, np.asarray(r.query), np.asarray(r.reference), host["image_scores"][j],
                       squashed_maps(host["anomaly_maps"][j], b.boxes), host["n_ref"][j],
-                      host["seclip_only"][j], host["n_candidates"][j])
+                      host["seclip_only"][j], host["n_candidates"][j], host["image_embed"][j])
           for j, (b, r) in enumerate(zip(round_batches, round_roles))]
 
 

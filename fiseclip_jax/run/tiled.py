@@ -56,7 +56,7 @@ def _combine(parts: List[BatchResult], frames: List[Optional[Sample]], hw, tilin
   stack = lambda f: np.stack([getattr(p, f) for p in parts])         # (T, B)
   return BatchResult(batch, first.query, first.reference, stack("scores").max(0), maps,
                      stack("n_ref").min(0), stack("seclip_only").any(0),
-                     stack("n_candidates").min(0))
+                     stack("n_candidates").min(0), stack("embeds").mean(0))   # a frame: its tiles' mean
 
 
 def score_tiled(samples: Sequence[Sample], *, tiling: Tiling, model, conf, text, mesh,

@@ -15,7 +15,7 @@ import pytest
 
 import fiseclip_jax as fj
 from fiseclip_jax.bench import config as bench_config
-from fiseclip_jax.bench import metrics_bench, stages as bench, timing
+from fiseclip_jax.bench import category_bench, metrics_bench, stages as bench, timing
 from fiseclip_jax.bench import table as bench_table
 from fiseclip_jax.bench import torch_tower as bench_torch
 from fiseclip_jax.method import pipeline, seclip
@@ -138,3 +138,22 @@ def test_command_line_writes_complete_json(tmp_path):
   for n in (1, 2):
     assert positive(dp[n]["images_per_s"]) and dp[n]["images_per_call"] == 2 * n
   assert positive(res["metrics"]["pixel_metrics_s"]) and positive(res["metrics"]["image_metrics_s"])
+
+
+def test_category_rows_time_the_category_programs_beside_batch_mode():
+  """The category rows (--category_sizes): one per n and batch mode over the largest n's images,
+  with the pair work of n (n - 1) directed pairs and the filter's XLA temporaries, which grow
+  with the block workspace (one query block's distances), not with n^2."""
+  cfg = fj.CLIPConfig.tiny()
+  conf = fj.FiSeConfig(image_size=SIZE, feature_layers=(1, 2, 3, 4), proxy_layer=2)
+  rows = category_bench.category_rows(fj.init_params(cfg, 0), cfg, conf, (4, 8), 2, repeats=1)
+  assert [(r["stage"], r["n"]) for r in rows] == [("category", 4), ("category", 8),
+                                                  ("batch_mode", 8)]
+  spec = fj.make_spec(cfg, conf)
+  for r in rows:
+    assert positive(r["s_per_image"]) and positive(r["xla_temp_bytes"])
+    pairs = r["n"] * (r["n"] - 1) if r["stage"] == "category" else r["n"] * (r["batch"] - 1)
+    assert r["pair_flops"] == pytest.approx(category_bench.pair_flops(spec, SIZE, pairs))
+  cat = {r["n"]: r for r in rows if r["stage"] == "category"}
+  assert positive(cat[8]["filter_s"]) and cat[8]["features_bytes"] == 2 * cat[4]["features_bytes"]
+  assert "| category | 8 | 2 |" in category_bench.markdown(rows)

@@ -110,10 +110,15 @@ def test_blocks_in_the_filter_equal_every_pair_at_once():
                                    atol=TOL)
 
 
-def test_slots_per_device_are_powers_of_two_batches():
-  assert [category.slots_per_device(n, 4, 1) for n in (1, 4, 5, 12, 13, 23, 33)] == \
-      [1, 1, 2, 4, 4, 8, 16]
-  assert [category.slots_per_device(n, 4, 8) for n in (1, 32, 33, 64, 65)] == [1, 1, 2, 2, 4]
+def test_slots_per_device_are_a_few_size_classes():
+  """Rounds up to 1, 2, 3, 4, 6, 8, 12, 16, ...: a handful of programs, a third padding at most."""
+  assert [category.slots_per_device(n, 4, 1) for n in (1, 4, 5, 12, 13, 23, 33, 49, 65)] == \
+      [1, 1, 2, 3, 4, 6, 12, 16, 24]
+  assert [category.slots_per_device(n, 4, 8) for n in (1, 32, 33, 64, 65, 97)] == \
+      [1, 1, 2, 2, 3, 4]
+  for rounds in range(1, 200):
+    slots = category.slots_per_device(rounds * 4, 4, 1)
+    assert rounds <= slots < 1.5 * rounds + 1
 
 
 def test_config_refuses_a_scope_without_other_images():

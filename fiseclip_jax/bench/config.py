@@ -37,6 +37,11 @@ class BenchConfig:
   dp_dtype: Optional[str] = knob(None, "dtype of the data-parallel rows (default: bfloat16 off "
                                  "CPU when listed in --dtypes, else the first of --dtypes).",
                                  (None,) + DTYPES)
+  category_sizes: Optional[Tuple[int, ...]] = knob(None, "Also time whole-category references "
+                                                   "(--references category) at each category "
+                                                   "size n, e.g. 16,64,256, with batch mode over "
+                                                   "the same images beside.", element=int)
+  category_batch: int = knob(16, "B of the category rows: their block and batch mode's batch.")
   metrics_bench: bool = knob(True, "Time the metrics on random maps and blob masks.")
   metrics_n: int = knob(150, "Maps in the metrics benchmark.")
   metrics_size: int = knob(518, "Side of the maps in the metrics benchmark.")
@@ -54,15 +59,15 @@ class BenchConfig:
     if any(w < 0 for w in self.match_windows or ()):
       raise ConfigError("match_windows", f"{','.join(map(str, self.match_windows))}; expected "
                         "integers >= 0")
-    for name in ("batch_sizes", "devices"):
+    for name in ("batch_sizes", "devices", "category_sizes"):
       values = getattr(self, name) or ()
       if any(v < 1 for v in values) or (name == "batch_sizes" and not values):
         raise ConfigError(name, f"{','.join(map(str, values)) or '(empty)'}; expected positive "
                           "integers")
     if not self.dtypes or not self.stages:
       raise ConfigError("dtypes" if not self.dtypes else "stages", "empty; expected at least one")
-    for name in ("image_size", "bank_size", "repeats", "dp_batch_size", "metrics_n",
-                 "metrics_size"):
+    for name in ("image_size", "bank_size", "repeats", "dp_batch_size", "category_batch",
+                 "metrics_n", "metrics_size"):
       if getattr(self, name) < 1:
         raise ConfigError(name, f"{getattr(self, name)}; expected >= 1")
     if self.torch_threads is not None and self.torch_threads < 1:

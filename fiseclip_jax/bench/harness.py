@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import jax
 from absl import logging
 
-from fiseclip_jax.bench import metrics_bench, stages, table, timing, torch_tower
+from fiseclip_jax.bench import category_bench, metrics_bench, stages, table, timing, torch_tower
 from fiseclip_jax.bench.config import REFERENCE_STAGES, BenchConfig
 from fiseclip_jax.models import registry
 from fiseclip_jax.outputs.provenance import versions
@@ -108,6 +108,11 @@ def run(bc: BenchConfig, out: str, flags: dict) -> dict:
     result["dp_rows"] = stages.dp_rows(params, cfg, conf, bc.devices, bc.dp_batch_size,
                                        bc.repeats, result["peak"]["tflops"].get(conf.compute_dtype),
                                        bc.seed)
+    table.write_json(result, out)
+  if bc.category_sizes:
+    conf = base.replace(compute_dtype=bc.dtypes[0])
+    result["category_rows"] = category_bench.category_rows(params, cfg, conf, bc.category_sizes,
+                                                           bc.category_batch, bc.repeats, bc.seed)
     table.write_json(result, out)
   if bc.metrics_bench:
     result["metrics"] = metrics_bench.metrics_bench(bc.metrics_n, bc.metrics_size, bc.seed)

@@ -63,6 +63,10 @@ def print_table(result: dict, file=sys.stdout):
     if "scaling_efficiency" in r:
       line += f"  eff {r['scaling_efficiency']:.2f}"
     print(line, file=file)
+  for r in result.get("category_rows", []):
+    print(f"{r['stage'] + '[n=' + str(r['n']) + ']':<17} {r['dtype']:<9} {r['batch']:>4} "
+          f"{r['s_per_image']:9.3f} s/img, pair {r['pair_flops'] / 1e12:.3f} TFLOP, XLA temp "
+          f"{r['xla_temp_bytes'] / 2 ** 20:.1f} MiB", file=file)
   mb = result.get("metrics")
   if mb:
     print(f"# metrics: pixel_metrics on {mb['n_maps']} maps of {mb['size']}x{mb['size']} "

@@ -4,8 +4,8 @@ Every image of a category is a query and a reference of every other, as in one b
 them, without that batch's memory. Three programs:
 
   encode   one batch per device per round (batch mode's rounds), its `pipeline.Part` written into
-           buffers that stay on the devices: a fixed number of batch slots per device, the next
-           power of two of the rounds (one program per size class; empty batches cost nothing)
+           buffers that stay on the devices: a fixed number of batch slots per device, the rounds
+           rounded up to a size class (one program per class; empty batches cost nothing)
   filter   once per category: each device filters its own images, in query blocks of one batch
            against every image of the category, gathered once per filtering step (an all-gather
            of the step's features and masks: the only collectives, checked by a test)
@@ -36,11 +36,15 @@ from fiseclip_jax.run.scoring import Collector, Scored, host_results, skip_recor
 AXIS = "data"
 
 
+SIZE_CLASSES = sorted({1 << k for k in range(40)} | {3 << k for k in range(40)})   # 1, 2, 3, 4, 6, 8, 12..
+
+
 def slots_per_device(n_images: int, batch_size: int, n_devices: int) -> int:
-  """Batches each device holds for a category of n_images: its rounds, rounded up to a power of
-  two, so categories of different sizes share a handful of programs."""
+  """Batches each device holds for a category of n_images: its rounds, rounded up to the next
+  size class (powers of two and 3/2 of them), so categories of different sizes share a handful
+  of programs and at most a third of the buffers is padding."""
   rounds = max(1, -(-(-(-n_images // batch_size)) // n_devices))
-  return 1 << (rounds - 1).bit_length()
+  return next(c for c in SIZE_CLASSES if c >= rounds)
 
 
 def _update(buf, new, start, axis):

@@ -31,7 +31,8 @@ from fiseclip_jax.method.references import External, Roles
 from fiseclip_jax.method.seclip import SeCLIPOut
 from fiseclip_jax.method.spec import Spec, matmul_precision
 from fiseclip_jax.run import sharding
-from fiseclip_jax.run.scoring import Collector, Scored, host_results, skip_recorder, stack_roles
+from fiseclip_jax.run.scoring import (Collector, Scored, host_results, rounds_of, skip_recorder,
+                                      stack_roles)
 
 AXIS = "data"
 
@@ -195,7 +196,7 @@ def score_category(samples: Sequence[Sample], *, model: Model, conf, text, mesh,
   batches = data.iter_batches(samples, batch_size, size, with_masks=with_masks,
                               skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
                               letterbox=conf.letterbox)
-  done, pending = 0, []
+  done = 0
 
   def encode_round(round_batches: List[Batch]) -> int:
     j = len(rounds)
@@ -212,15 +213,8 @@ def score_category(samples: Sequence[Sample], *, model: Model, conf, text, mesh,
     rounds.append(round_batches)
     return sum(int(b.valid.sum()) for b in round_batches)
 
-  for batch in batches:
-    pending.append(batch)
-    if len(pending) == n_dev:
-      done += encode_round(pending)
-      pending = []
-      if on_progress is not None:
-        on_progress(done)
-  if pending:
-    done += encode_round(pending)
+  for round_batches in rounds_of(batches, n_dev):
+    done += encode_round(round_batches)
     if on_progress is not None:
       on_progress(done)
   if not rounds:

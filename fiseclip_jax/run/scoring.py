@@ -8,7 +8,7 @@ ring buffer on one device. Per-image results come back as arrays, in the order s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -185,6 +185,18 @@ def host_results(out, round_batches, round_roles, stacked: bool = True) -> List[
           for j, (b, r) in enumerate(zip(round_batches, round_roles))]
 
 
+def rounds_of(batches: Iterable[Batch], n_dev: int) -> Iterator[List[Batch]]:
+  """The batches in rounds of n_dev (one per device), the last round possibly short."""
+  pending: List[Batch] = []
+  for batch in batches:
+    pending.append(batch)
+    if len(pending) == n_dev:
+      yield pending
+      pending = []
+  if pending:
+    yield pending
+
+
 def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, batch_size: int,
                   indices: Optional[Sequence[int]] = None, bank=None,
                   top_up_pool: Optional[Sequence[Sample]] = None, with_masks: bool = False,
@@ -209,7 +221,7 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
                               skip_bad_images=skip_bad_images, on_skip=on_skip, indices=indices,
                               letterbox=conf.letterbox)
   use_top_up = top_up_pool is not None and references.uses_batch_pairs(conf)
-  done, pending = 0, []
+  done = 0
 
   def flush(round_batches: List[Batch]) -> int:
     roles = []
@@ -228,15 +240,8 @@ def score_samples(samples: Sequence[Sample], *, model: Model, conf, text, mesh, 
         on_batch(r)
     return sum(int(r.query.sum()) for r in results)
 
-  for batch in batches:
-    pending.append(batch)
-    if len(pending) == n_dev:
-      done += flush(pending)
-      pending = []
-      if on_progress is not None:
-        on_progress(done)
-  if pending:
-    done += flush(pending)
+  for round_batches in rounds_of(batches, n_dev):
+    done += flush(round_batches)
     if on_progress is not None:
       on_progress(done)
   return collect.result((size, size), skipped)

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import fiseclip_jax as fj
 from conftest import SHARED_DATA
 from fiseclip_jax.core.config import ConfigError
-from fiseclip_jax.data import demo_root, mvtec_samples
+from fiseclip_jax.data import Sample, demo_root, mvtec_samples
 from fiseclip_jax.method import ficlip, references, rescore
 from fiseclip_jax.method.api import text_input
 from fiseclip_jax.run import category, scoring, sharding, towers
@@ -82,6 +83,22 @@ def test_with_a_bank_the_whole_category_and_the_bank(model, samples):
                                 keep_maps=True).sorted()
   assert_same(got, one_batch_of_all(model, samples[:9], conf, bank))
   assert (got.n_ref[~got.seclip_only] > 8).all()          # 8 others and the bank's images
+
+
+def test_letterboxed_the_whole_category_equals_one_batch_of_all_of_it(model, tmp_path):
+  """Letterbox padding (DESIGN.md §2) is no reference in blocks either, and the image score
+  reads each image's own pixels: wide images, padded slots in the last batch."""
+  m, text = model
+  wide = []
+  for i, s in enumerate(mvtec_samples(demo_root(), "hazelnut")[:5]):
+    p = tmp_path / f"w{i}.png"
+    Image.open(s.path).convert("RGB").resize((300, 120 + 20 * i)).save(p)
+    wide.append(Sample(str(p), s.label))
+  conf = CONF.replace(resize="letterbox")
+  got = category.score_category(wide, model=m, conf=conf.replace(reference_scope="category"),
+                                text=text, mesh=sharding.make_mesh(), batch_size=2,
+                                keep_maps=True).sorted()
+  assert_same(got, one_batch_of_all(model, wide, conf))
 
 
 def test_blocks_in_the_filter_equal_every_pair_at_once():

@@ -36,7 +36,7 @@ def pair_flops(spec, size: int, directed_pairs: float) -> float:
 def category_row(params, cfg, conf, n: int, b: int, repeats: int, seed: int = 0) -> dict:
   """Encode, filter and results of one category of n random images in blocks of b (one device)."""
   mesh = sharding.make_mesh(jax.devices()[:1])
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(sharding.AXIS))
   model = Model.of(sharding.replicate(params, mesh), cfg)
   conf = conf.replace(reference_scope="category")
   spec = model.spec(conf)
@@ -94,7 +94,7 @@ def category_row(params, cfg, conf, n: int, b: int, repeats: int, seed: int = 0)
 def batch_row(params, cfg, conf, n: int, b: int, seed: int = 0) -> dict:
   """Batch mode over the same n images: n / b batches of the programs' round on one device."""
   mesh = sharding.make_mesh(jax.devices()[:1])
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(sharding.AXIS))
   spec = Model.of(params, cfg).spec(conf)
   images, _, text = random_inputs(cfg, n, conf.image_size, seed)
   p = Params(sharding.replicate(params, mesh), None)

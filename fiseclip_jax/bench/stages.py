@@ -196,7 +196,7 @@ def dp_row(params, cfg, conf, n_dev: int, b: int, repeats: int, peak: Optional[f
   """End-to-end scoring of n_dev independent batches of b images, one per device."""
   devices = jax.devices()[:n_dev]
   mesh = sharding.make_mesh(devices)
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(sharding.AXIS))
   spec = make_spec(cfg, conf)
   images, _, text = random_inputs(cfg, n_dev * b, conf.image_size, seed)
   images = jax.device_put(images.reshape(n_dev, b, *images.shape[1:]), data)

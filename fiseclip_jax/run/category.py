@@ -34,9 +34,7 @@ from fiseclip_jax.run import sharding
 from fiseclip_jax.run.scoring import (Collector, Scored, host_results, rounds_of, skip_recorder,
                                       stack_roles)
 
-AXIS = "data"
-
-
+AXIS = sharding.AXIS
 SIZE_CLASSES = sorted({1 << k for k in range(40)} | {3 << k for k in range(40)})   # 1, 2, 3, 4, 6, 8, 12..
 
 
@@ -44,7 +42,8 @@ def slots_per_device(n_images: int, batch_size: int, n_devices: int) -> int:
   """Batches each device holds for a category of n_images: its rounds, rounded up to the next
   size class (powers of two and 3/2 of them), so categories of different sizes share a handful
   of programs and at most a third of the buffers is padding."""
-  rounds = max(1, -(-(-(-n_images // batch_size)) // n_devices))
+  batches = -(-n_images // batch_size)
+  rounds = max(1, -(-batches // n_devices))
   return next(c for c in SIZE_CLASSES if c >= rounds)
 
 

@@ -25,6 +25,9 @@ from fiseclip_jax.method.references import Roles
 from fiseclip_jax.method.spec import Spec
 
 
+AXIS = "data"   # the mesh's one axis: batches (and a category's images) are spread along it
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
   """Multi-host set-up (TPU pods, multi-node GPU); arguments are auto-detected on TPU / SLURM.
@@ -44,7 +47,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A 1-D mesh with axis "data" over this process's devices (default: all local devices)."""
   devices = list(devices) if devices is not None else jax.local_devices()
-  return Mesh(np.array(devices), ("data",))
+  return Mesh(np.array(devices), (AXIS,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,7 +62,7 @@ def round_fn(mesh: Mesh, spec: Spec):
     one = lambda p, i, r: detect_batch(spec, p, i, r, text, bank)
     return jax.vmap(one, in_axes=(None, 0, 0))(params, images, roles)
 
-  data, rep = P("data"), P()
+  data, rep = P(AXIS), P()
   fn = shard_map(per_device, mesh=mesh, in_specs=(rep, data, data, rep, rep), out_specs=data,
                  check_vma=False)
   return jax.jit(fn)
@@ -83,7 +86,7 @@ def detect_round(mesh: Mesh, model: Model, conf: FiSeConfig, images: np.ndarray,
   spec = model.spec(conf)
   check_references(spec, bank)
   fn = round_fn(mesh, spec)
-  data = NamedSharding(mesh, P("data"))
+  data = NamedSharding(mesh, P(AXIS))
   roles = Roles(*(None if x is None else jax.device_put(np.asarray(x), data) for x in roles))
   return fn(model.params, jax.device_put(images, data), roles, text_input(spec, text), bank)
 

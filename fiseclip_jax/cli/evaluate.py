@@ -222,13 +222,13 @@ def score_categories(ds: Dataset, conf, ckpts, plans: Dict[str, Plan], ident: di
                   with_masks=True, keep_maps=True, skip_bad_images=FLAGS.skip_bad_images,
                   on_progress=progress.update, on_skip=warn_skip)
     mine = [samples[i] for i in mine_index]
-    if conf.whole_category:
+    if tiling is None:
       bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
-      del common["top_up_pool"]                # moot: every image is a reference of every other
-      scored = e.category.score_category(mine, bank=bank, **common)
-    elif tiling is None:
-      bank = e.towers.bank_on(model, conf, p.bank, mesh) if p.bank else None
-      scored = e.scoring.score_samples(mine, bank=bank, **common)
+      if conf.whole_category:
+        del common["top_up_pool"]              # moot: every image is a reference of every other
+        scored = e.category.score_category(mine, bank=bank, **common)
+      else:
+        scored = e.scoring.score_samples(mine, bank=bank, **common)
     else:
       hw = frame_size(samples, f"category {cat}") if samples else None
       banks = e.tiled.banks_on(model, conf, p.bank, tiling, hw, mesh) if p.bank else None

@@ -24,13 +24,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fiseclip_jax import data
 from fiseclip_jax.data import Batch, Sample
-from fiseclip_jax.method import pipeline, references
+from fiseclip_jax.method import pipeline
 from fiseclip_jax.method.api import Model, check_references, text_input
 from fiseclip_jax.method.pipeline import Part
 from fiseclip_jax.method.references import External, Roles
 from fiseclip_jax.method.seclip import SeCLIPOut
 from fiseclip_jax.method.spec import Spec, matmul_precision
-from fiseclip_jax.run import sharding
+from fiseclip_jax.run import scoring, sharding
 from fiseclip_jax.run.scoring import (Collector, Scored, host_results, rounds_of, skip_recorder,
                                       stack_roles)
 
@@ -189,7 +189,7 @@ def score_category(samples: Sequence[Sample], *, model: Model, conf, text, mesh,
   buf = empty_parts(mesh, part_shapes(spec, model.params, text, batch_size, conf.letterbox),
                     slots)
   query = np.zeros((n_dev, m), bool)
-  rounds: List[List[Batch]] = []
+  rounds: List[tuple] = []       # per round: its batches, their roles, its padded content or None
   data_ = NamedSharding(mesh, P(AXIS))
   encode = encode_fn(mesh, spec)
   batches = data.iter_batches(samples, batch_size, size, with_masks=with_masks,
@@ -199,17 +199,14 @@ def score_category(samples: Sequence[Sample], *, model: Model, conf, text, mesh,
 
   def encode_round(round_batches: List[Batch]) -> int:
     j = len(rounds)
-    roles = stack_roles([references.Roles(b.valid.copy(), b.valid.copy(),
-                                          np.zeros(batch_size, np.int32), b.content())
-                         for b in round_batches])
-    images = np.stack([b.images for b in round_batches])
-    if len(round_batches) < n_dev:
-      images, roles = sharding.pad_round(images, roles, n_dev)
+    batch_roles = [scoring.batch_roles(b, b.valid.copy()) for b in round_batches]
+    images, roles = sharding.pad_round(np.stack([b.images for b in round_batches]),
+                                       stack_roles(batch_roles), n_dev)
     query[:, j * batch_size:(j + 1) * batch_size] = roles.query
     roles = Roles(*(None if x is None else jax.device_put(np.asarray(x), data_) for x in roles))
     nonlocal buf
     buf = encode(model.params, jax.device_put(images, data_), roles, text, buf, j * batch_size)
-    rounds.append(round_batches)
+    rounds.append((round_batches, batch_roles, roles.content))
     return sum(int(b.valid.sum()) for b in round_batches)
 
   for round_batches in rounds_of(batches, n_dev):
@@ -223,17 +220,9 @@ def score_category(samples: Sequence[Sample], *, model: Model, conf, text, mesh,
                   (query, query, np.zeros((n_dev, m), np.int32))))
   filt, n_cand = filter_fn(mesh, spec, batch_size)(buf, roles, bank)
   finish = finish_fn(mesh, spec, batch_size)
-  for j, round_batches in enumerate(rounds):
-    round_roles = [references.Roles(b.valid.copy(), b.valid.copy(), np.zeros(batch_size, np.int32),
-                                    b.content()) for b in round_batches]
-    content = None
-    if conf.letterbox:
-      content = np.stack([r.content for r in round_roles])
-      content = np.concatenate([content, np.ones((n_dev - len(content),) + content.shape[1:],
-                                                 bool)])
-      content = jax.device_put(content, data_)
+  for j, (round_batches, batch_roles, content) in enumerate(rounds):
     out = finish(buf, filt, n_cand, content, j * batch_size)
-    for r in host_results(out, round_batches, round_roles):
+    for r in host_results(out, round_batches, batch_roles):
       collect.add(r)
       if on_batch is not None:
         on_batch(r)

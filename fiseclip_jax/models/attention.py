@@ -22,9 +22,12 @@ running max, no rescaling), with
   - 1/sqrt(Dh) * log2(e) folded into q (float32 inputs) or into the f32 scores (bfloat16), and exp2;
   - the normalization applied after the PV product, on the (rows, Dh) output rather than on the
     (rows, S) probabilities;
-  - scores, softmax and PV in float32 whatever the input dtype (bfloat16 inputs: the score dot is
-    bf16 x bf16 -> f32; the probabilities are not rounded to bf16 for the PV dot, which measured
-    no slower in f32).
+  - scores and softmax in float32 whatever the input dtype; both dots take the input dtype and
+    accumulate in float32 (bfloat16: the probabilities are rounded to bf16 for the PV dot, their
+    row sum taken before, as torch's bf16 SDPA does). XLA CPU runs bf16 x bf16 -> f32 dots on
+    AMX / AVX512-BF16 (YNNPACK), an f32 PV dot at f32 speed: on a Sapphire Rapids VM the f32 PV
+    dots were 14 % of the bf16 ViT-L encoder's time. (The proxy block's head-mean A below stays
+    float32 into its product with v: one block of 25, tested at float32 accuracy.)
 XLA CPU fuses the score dot with the max, subtract and exp into one library (YNNPACK) call; the
 loop is a handful of ops per step, the same trace at every T. What is left to torch is mostly the
 dots themselves: XLA CPU's f32 GEMM runs at ~75 % of torch's MKL on these shapes, and torch's bf16
@@ -106,12 +109,13 @@ def blocked_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False,
       sc = jnp.where(lax.broadcasted_iota(jnp.int32, sc.shape, 2) <= row, sc, -jnp.inf)
     m = sc.max(axis=-1, keepdims=True)      # finite: every row has its own diagonal key at least
     p = jnp.exp2(sc - m if f32_in else (sc - m) * c)                       # in (0, 1]
-    return _bdot(p, vb, 2, 1) / p.sum(axis=-1, keepdims=True)              # (g, rows, Dh)
+    l = p.sum(axis=-1, keepdims=True)                                      # f32, before rounding
+    return _bdot(p.astype(vb.dtype), vb, 2, 1) / l                         # (g, rows, Dh)
 
   def step(carry, i):                       # heads i*g .. i*g + g-1 of image i // (H / g)
     b, h = i // steps_per_image, (i % steps_per_image) * g
     take = lambda x: lax.dynamic_slice(x, (b, 0, h, 0), (1, x.shape[1], g, d))[0].transpose(1, 0, 2)
-    qg, kg, vg = take(q), take(k), take(v).astype(jnp.float32)            # (g, T or S, Dh)
+    qg, kg, vg = take(q), take(k), take(v)                                 # (g, T or S, Dh)
     if f32_in:
       qg = qg * c                           # folded into q: a pass over (T, Dh), not (rows, S)
     if n == 1:

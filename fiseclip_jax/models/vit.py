@@ -1,4 +1,5 @@
-"""What every ViT tower here shares: LayerNorm over a plain dict, patchify, scanned block segments.
+"""What every ViT tower here shares: LayerNorm over a plain dict, patchify, scanned block segments,
+and the dense layers' matmul on CPU.
 
 Blocks are stacked on a leading axis; a tower runs as `lax.scan` segments that end at the blocks
 whose output is read, so a 24-block tower traces one block per segment, not 24.
@@ -9,8 +10,29 @@ from typing import Dict, Iterable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
+
+
+def wide_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                     preferred_element_type=None) -> Array:
+  """`lax.dot_general` asking for a float32 result, rounded to the inputs' dtype after.
+
+  The numbers of a bfloat16-output dot (XLA accumulates in float32 either way), but XLA CPU has
+  bfloat16 kernels (YNNPACK's, on AMX or AVX512-BF16) only for the float32-output form: it rewrites
+  a bfloat16-output dot into a float32 one and, allowed excess precision, drops the casts around
+  it, so a "bfloat16" tower ran every dense layer as a float32 matmul. A no-op for float32 inputs.
+  The towers' dense layers use it with the CPU kernels (attention_impl "blocked"); on GPU the
+  float32 output would be an extra pass over memory."""
+  out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=jnp.float32)
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def dense_dot_general(attention_impl):
+  """The dot_general of a tower's nn.Dense layers: the CPU one with the CPU kernels, else XLA's."""
+  return wide_dot_general if attention_impl == "blocked" else None
 
 
 def layer_norm(p: dict, x: Array, eps: float) -> Array:

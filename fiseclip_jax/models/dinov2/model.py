@@ -49,7 +49,8 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   def setup(self):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              dot_general=vit.dense_dot_general(self.attention_impl))
     norm = functools.partial(nn.LayerNorm, epsilon=self.eps, dtype=jnp.float32,
                              param_dtype=jnp.float32)
     scale = lambda name: self.param(name, nn.initializers.constant(LAYERSCALE_INIT), (self.width,),

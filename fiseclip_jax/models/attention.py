@@ -30,8 +30,8 @@ running max, no rescaling), with
     float32 into its product with v: one block of 25, tested at float32 accuracy.)
 XLA CPU fuses the score dot with the max, subtract and exp into one library (YNNPACK) call; the
 loop is a handful of ops per step, the same trace at every T. What is left to torch is mostly the
-dots themselves: XLA CPU's f32 GEMM runs at ~75 % of torch's MKL on these shapes, and torch's bf16
-attention uses AMX, which XLA CPU does not here.
+dots themselves: XLA CPU's f32 GEMM runs at ~75 % of torch's MKL on these shapes, and its bf16
+dots, AMX too, at a quarter to a half of oneDNN's rate (docs/PERFORMANCE.md, 2026-12-03).
 """
 from __future__ import annotations
 

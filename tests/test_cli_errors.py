@@ -166,6 +166,35 @@ def test_gpu_platform_without_a_gpu_says_what_to_install(tmp_path):
   assert_one_line(p, 1, "--platform gpu", "pip install")
 
 
+def test_gpu_platform_starts_on_a_cuda_machine_without_rocm(monkeypatch):
+  """`--platform gpu` leaves the choice to JAX and checks it found a GPU: JAX 0.11 reads a literal
+  jax_platforms="gpu" as cuda AND rocm and fails on a CUDA machine without ROCm (seen on an H200,
+  2026-12-04: every program stopped at "Unable to initialize backend 'rocm'")."""
+  import jax
+  from absl import flags
+  from fiseclip_jax.cli import options, runtime
+  if "platform" not in flags.FLAGS:
+    options.define_platform_flag()
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  monkeypatch.setattr(flags.FLAGS, "platform", "gpu")
+  asked = []
+
+  def update(name, value):
+    assert name == "jax_platforms", name
+    asked.append(value)
+
+  def local_devices():   # this fake JAX has CUDA and no ROCm
+    if asked and asked[-1] not in ("", "cuda"):
+      raise RuntimeError(f"Unable to initialize backend for jax_platforms={asked[-1]!r}")
+    return ["cuda:0"]
+
+  monkeypatch.setattr(jax.config, "update", update)
+  monkeypatch.setattr(jax, "local_devices", local_devices)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert runtime.start() == "gpu"
+
+
 def test_help_lists_the_programs_flags_and_exits_0():
   for module, own in (("eval.mvtec", "--k_shot"), ("eval.folder", "--normal_images"),
                       ("eval.btad", "--class_name"), ("weights.convert", "--src")):

@@ -22,6 +22,10 @@ from fiseclip_jax.models.clip.tokenizer import n_tokens
 
 FLAGS = flags.FLAGS
 INSTALL = {"gpu": 'pip install -U "jax[cuda12]" (or "jax[cuda13]")', "tpu": 'pip install -U "jax[tpu]"'}
+# --platform values left to JAX's own choice (then checked): JAX 0.11 reads jax_platforms="gpu" as
+# cuda and rocm together and fails on a CUDA machine without ROCm, and a failed start cannot be
+# retried with another name in the same process.
+CHOSEN_BY_JAX = ("gpu",)
 
 
 class Checkpoints(NamedTuple):
@@ -113,7 +117,7 @@ def start() -> str:
   The programs' first JAX import is here.
   """
   import jax  # pylint: disable=import-outside-toplevel  (the crossing)
-  if FLAGS.platform:
+  if FLAGS.platform and FLAGS.platform not in CHOSEN_BY_JAX:
     jax.config.update("jax_platforms", FLAGS.platform)
   try:
     if "multihost" in FLAGS and FLAGS.multihost:
@@ -127,7 +131,13 @@ def start() -> str:
         f"--platform {FLAGS.platform}: this JAX has no working {FLAGS.platform.upper()} backend "
         f"({str(e).splitlines()[0]}); install it with {INSTALL[FLAGS.platform]}, or run with "
         "--platform cpu") from None
-  return jax.default_backend()
+  backend = jax.default_backend()
+  if FLAGS.platform and backend != FLAGS.platform:
+    raise EnvironmentProblem(
+        f"--platform {FLAGS.platform}: this JAX has no working {FLAGS.platform.upper()} backend "
+        f"(it found {backend} only); install it with {INSTALL[FLAGS.platform]}, or run with "
+        "--platform cpu")
+  return backend
 
 
 def engine() -> types.SimpleNamespace:

@@ -99,6 +99,25 @@ def test_bench_rows_in_process():
     assert name in text
 
 
+def test_float32_stage_rows_run_at_the_pipelines_precision():
+  """A float32 row times what the pipeline runs: every dot at HIGHEST (DESIGN.md §8), whatever the
+  process's default. On an H200 (2026-12-04) the encoder row ran at XLA's GPU default (TF32) and
+  read 10 ms/image against the pipeline's float32, beside a float32 torch tower."""
+  import jax
+  from fiseclip_jax.method.api import make_spec
+  cfg, conf = bench.model_configs("tiny", SIZE)
+  params = fj.init_params(cfg, 0)
+  images, roles, text = bench.random_inputs(cfg, 2, SIZE)
+  with jax.default_matmul_precision("bfloat16"):   # a backend's own default, as on a GPU
+    built = bench.build_stages(params, make_spec(cfg, conf), images, roles, text,
+                               bench_config.STAGES)
+    dots = {s.name: [l for l in s.fn.lower(*s.args).as_text().splitlines() if "dot_general" in l]
+            for s in built}
+  assert set(dots) == set(bench_config.STAGES) and dots["encoder"] and dots["seclip"]
+  for name, lines in dots.items():
+    assert all("precision = [HIGHEST, HIGHEST]" in l for l in lines), (name, lines[:1])
+
+
 def test_metrics_bench_small():
   out = metrics_bench.metrics_bench(n=6, size=48)
   assert out["pixels"] == 6 * 48 * 48

@@ -8,7 +8,6 @@ the result; the median over `repeats` is reported.
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
@@ -24,7 +23,7 @@ from fiseclip_jax.method import pipeline as pl
 from fiseclip_jax.method import references
 from fiseclip_jax.method.api import Model, make_spec
 from fiseclip_jax.method.references import Roles, make_roles
-from fiseclip_jax.method.spec import Params
+from fiseclip_jax.method.spec import Params, matmul_precision
 from fiseclip_jax.models.clip.config import VARIANTS
 from fiseclip_jax.run import sharding
 
@@ -65,8 +64,12 @@ def compile_stage(name: str, fn: Callable, args: tuple) -> Stage:
 
 
 def jit_stage(fn: Callable, spec, **static) -> Callable:
-  """A pipeline stage jitted over its arrays, the Spec and any static values closed over."""
-  return jax.jit(functools.partial(fn, spec, **static))
+  """A pipeline stage jitted over its arrays, the Spec and any static values closed over, traced
+  at the pipeline's matmul precision (a stage alone would take the backend's: TF32 on a GPU)."""
+  def stage(*args):
+    with matmul_precision(spec.conf):
+      return fn(spec, *args, **static)
+  return jax.jit(stage)
 
 
 def build_stages(params, spec, images, roles, text, stages: Sequence[str]) -> List[Stage]:

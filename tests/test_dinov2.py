@@ -129,11 +129,33 @@ def test_layer_order_and_subsets(converted):
     assert max_err(out[i], ref[layer]) < TOL
 
 
+# The checkpoint names and transformers 5's in-memory module names (the converter's docstring).
+IN_MEMORY = {".attention.attention.query.": ".attention.q_proj.",
+             ".attention.attention.key.": ".attention.k_proj.",
+             ".attention.attention.value.": ".attention.v_proj.",
+             ".attention.output.dense.": ".attention.o_proj.", ".mlp.weights_out.": ".mlp.down_proj."}
+
+
+def in_memory_names(sd):
+  """sd under the in-memory names; the packed SwiGLU weights_in (2M, W) is [gate; up]."""
+  out = {}
+  for k, v in sd.items():
+    if ".mlp.weights_in." in k:
+      out[k.replace("weights_in", "gate_proj")], out[k.replace("weights_in", "up_proj")] = (
+          np.split(v, 2, axis=0))
+      continue
+    for old, new in IN_MEMORY.items():
+      k = k.replace(old, new)
+    out[k] = v
+  return out
+
+
 def test_converter_reads_in_memory_names(converted):
-  """transformers 5 modules say q_proj / o_proj / gate_proj...; save_pretrained the old names."""
+  """Some transformers 5 releases name the modules q_proj / o_proj / gate_proj... in memory (5.25),
+  others keep the checkpoint's names (5.17); save_pretrained writes the checkpoint's."""
   params, cfg, model, _ = converted
-  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  assert any(".q_proj." in k for k in sd)
+  sd = in_memory_names({k: v.detach().numpy() for k, v in model.state_dict().items()})
+  assert any(".q_proj." in k for k in sd) and not any(".attention.attention." in k for k in sd)
   again = hf_to_params(sd, cfg, "state_dict")
   jax.tree.map(np.testing.assert_array_equal, again, params)
 

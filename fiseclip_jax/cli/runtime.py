@@ -111,6 +111,13 @@ def min_image_side(ckpts: Checkpoints) -> int:
   return max(c.patch_size for c in (ckpts.cfg, ckpts.fi_cfg) if c is not None)
 
 
+def no_backend(platform: str, why: str) -> EnvironmentProblem:
+  """The one error of a --platform this JAX cannot start, with the line that installs it."""
+  return EnvironmentProblem(f"--platform {platform}: this JAX has no working {platform.upper()} "
+                            f"backend ({why}); install it with {INSTALL[platform]}, or run with "
+                            "--platform cpu")
+
+
 def start() -> str:
   """--platform and --multihost before any device use; the backend's name ('cpu', 'gpu', 'tpu').
 
@@ -127,16 +134,10 @@ def start() -> str:
   except RuntimeError as e:
     if not FLAGS.platform or FLAGS.platform == "cpu":
       raise EnvironmentProblem(f"JAX could not start: {e}") from None
-    raise EnvironmentProblem(
-        f"--platform {FLAGS.platform}: this JAX has no working {FLAGS.platform.upper()} backend "
-        f"({str(e).splitlines()[0]}); install it with {INSTALL[FLAGS.platform]}, or run with "
-        "--platform cpu") from None
+    raise no_backend(FLAGS.platform, str(e).splitlines()[0]) from None
   backend = jax.default_backend()
   if FLAGS.platform and backend != FLAGS.platform:
-    raise EnvironmentProblem(
-        f"--platform {FLAGS.platform}: this JAX has no working {FLAGS.platform.upper()} backend "
-        f"(it found {backend} only); install it with {INSTALL[FLAGS.platform]}, or run with "
-        "--platform cpu")
+    raise no_backend(FLAGS.platform, f"it found {backend} only")
   return backend
 
 

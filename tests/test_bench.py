@@ -86,10 +86,14 @@ def test_bench_rows_in_process():
   if bench_torch.torch_available():
     images, _, _ = bench.random_inputs(cfg, 2, SIZE)
     model = bench_torch.torch_tower(cfg, "float32", "cpu")
-    rows.append(bench_torch.torch_row(model, images, "float32", "cpu", 2, 1e6, 1.0, 1))
+    row = bench_torch.torch_row(model, images, "float32", "cpu", 2, 1e6, 1.0, 1)
+    row.update(bench_torch.paired(bench.encoder_call(params, cfg, conf, 2),
+                                  bench_torch.tower_call(model, images, "float32", "cpu"), 2))
+    rows.append(row)
     bench_torch.compare_torch(rows)
     enc = next(r for r in rows if r["stage"] == "encoder")
     assert positive(enc["torch_ms_per_image"]) and positive(enc["jax_over_torch"])
+    assert positive(enc["jax_over_torch_paired"]) and len(row["paired_jax_ms"]) == 2
   table = io.StringIO()
   result = {"machine": timing.machine(), "versions": versions(), "date": "today",
             "peak": {"tflops": {"float32": 1.0}, "source": "test"}, "rows": rows}
@@ -116,6 +120,22 @@ def test_float32_stage_rows_run_at_the_pipelines_precision():
   assert set(dots) == set(bench_config.STAGES) and dots["encoder"] and dots["seclip"]
   for name, lines in dots.items():
     assert all("precision = [HIGHEST, HIGHEST]" in l for l in lines), (name, lines[:1])
+
+
+def test_time_pairs_alternates_the_calls_and_takes_the_median_of_round_ratios(monkeypatch):
+  """A B A B after one warm-up of each; the ratio of each round's own pair, then their median (a
+  ratio of the two medians would read 2 / 2 = 1 here)."""
+  clock, calls = [0.0], []
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+  def call(name, durations):
+    def run():
+      calls.append(name)
+      clock[0] += durations.pop(0)
+    return run
+  p = timing.time_pairs(call("a", [9.0, 1.0, 2.0, 3.0]), call("b", [9.0, 1.0, 2.0, 1.0]), 3)
+  assert calls == ["a", "b"] * 4
+  assert p["a_s"] == [1.0, 2.0, 3.0] and p["b_s"] == [1.0, 2.0, 1.0]
+  assert p["ratios"] == [1.0, 1.0, 3.0] and p["median_ratio"] == 1.0
 
 
 def test_metrics_bench_small():
@@ -151,6 +171,9 @@ def test_command_line_writes_complete_json(tmp_path):
     torch_rows = [r for r in res["rows"] if r["stage"] == "torch_tower"]
     assert len(torch_rows) == 1 and positive(torch_rows[0]["ms_per_image"])
     assert positive(stages["encoder"]["jax_over_torch"])
+    assert positive(stages["encoder"]["jax_over_torch_paired"])
+    assert len(torch_rows[0]["paired_jax_ms"]) == len(torch_rows[0]["paired_torch_ms"]) == 1
+    assert "paired" in proc.stdout
   dp = {r["devices"]: r for r in res["dp_rows"]}
   assert set(dp) == {1, 2, 4}
   assert "skipped" in dp[4]

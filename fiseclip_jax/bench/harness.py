@@ -54,7 +54,8 @@ def error_row(stage: str, dtype: str, b: int, e: Exception) -> dict:
 
 def bench_dtype(result: dict, bc: BenchConfig, out: str, params, cfg, conf,
                 device: Optional[str]):
-  """Stage rows, references rows and the torch tower row of every B at one dtype (OOM: error row)."""
+  """Stage rows, references rows and the torch tower row of every B at one dtype (OOM: error row);
+  with an encoder row, the encoder and the tower also timed in turn (the paired ratio)."""
   dtype, peak = conf.compute_dtype, result["peak"]["tflops"][conf.compute_dtype]
   model = torch_tower.torch_tower(cfg, dtype, device, bc.seed) if device else None
   ref_stages = [s for s in bc.stages if s in REFERENCE_STAGES]
@@ -75,8 +76,12 @@ def bench_dtype(result: dict, bc: BenchConfig, out: str, params, cfg, conf,
       try:
         images, _, _ = stages.random_inputs(cfg, b, conf.image_size, bc.seed)
         flops = b * registry.tower_for(cfg).flops(conf.image_size)   # what the torch tower runs
-        result["rows"].append(torch_tower.torch_row(model, images, dtype, device, b, flops, peak,
-                                                    bc.repeats))
+        row = torch_tower.torch_row(model, images, dtype, device, b, flops, peak, bc.repeats)
+        if "encoder" in bc.stages:
+          row.update(torch_tower.paired(stages.encoder_call(params, cfg, conf, b, bc.seed),
+                                        torch_tower.tower_call(model, images, dtype, device),
+                                        bc.repeats))
+        result["rows"].append(row)
         logging.info("%s", table.format_row(result["rows"][-1]))
       except Exception as e:   # pylint: disable=broad-except
         result["rows"].append(error_row("torch_tower", dtype, b, e))

@@ -101,6 +101,15 @@ def build_stages(params, spec, images, roles, text, stages: Sequence[str]) -> Li
   return [out[k] for k in STAGES if k in stages]
 
 
+def encoder_call(params, cfg, conf, b: int, seed: int = 0) -> Callable[[], None]:
+  """The encoder row's function on the encoder row's inputs, as a call that waits for its result
+  (for timing it in turn with transformers' tower)."""
+  spec = make_spec(cfg, conf)
+  images, _, _ = random_inputs(cfg, b, conf.image_size, seed)
+  fn, p = jit_stage(pl.encode, spec), Params(params, None)
+  return lambda: jax.block_until_ready(fn(p, images))
+
+
 def bench_stage(stage: Stage, b: int, flops: Optional[float], peak: Optional[float],
                 repeats: int) -> dict:
   """One compiled stage: warm-up, `repeats` timed calls, memory, rates."""

@@ -25,6 +25,7 @@ COLUMNS = (
     ("XLA MiB", 9, ".1f", _scaled("xla_memory_bytes", 2 ** -20)),
     ("torch ms", 9, ".3f", _scaled("torch_ms_per_image", 1)),
     ("ratio", 6, ".2f", _scaled("jax_over_torch", 1)),
+    ("paired", 6, ".2f", _scaled("jax_over_torch_paired", 1)),
 )
 HEADER = f"{'stage':<17} {'dtype':<9} {'B':>4} " + " ".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS)
 
@@ -54,7 +55,8 @@ def print_table(result: dict, file=sys.stdout):
   print("# mem: " + ", ".join(sorted({r["peak_memory_source"] for r in result["rows"]
                                       if r.get("peak_memory_source")})) +
         "; XLA MiB: compiled buffers (args + outputs + temps); MFU and GFLOP/s from the analytic "
-        "FLOP count; ratio = JAX encoder / torch tower ms per image", file=file)
+        "FLOP count; ratio = JAX encoder / torch tower ms per image (the two rows' medians); paired = "
+        "median of the ratios of the two timed in turn", file=file)
   print(HEADER, file=file)
   for r in result["rows"]:
     print(format_row(r), file=file)

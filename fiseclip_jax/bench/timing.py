@@ -39,6 +39,21 @@ def time_fn(fn: Callable, *args, repeats: int = 5, sync: Callable = block) -> di
   return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def time_pairs(a: Callable[[], object], b: Callable[[], object], rounds: int) -> dict:
+  """a and b in turn, A B A B ..., after one warm-up call of each; each call must wait for its own
+  result. The median of the per-round ratios a / b holds on a shared machine whose speed drifts
+  over a run, where the ratio of two medians timed minutes apart does not."""
+  a(), b()
+  a_s, b_s = [], []
+  for _ in range(max(1, rounds)):
+    for call, times in ((a, a_s), (b, b_s)):
+      t = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - t)
+  ratios = [x / y for x, y in zip(a_s, b_s)]
+  return {"a_s": a_s, "b_s": b_s, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+
+
 def max_rss_bytes() -> int:
   """High-water mark of this process's resident memory (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,11 +1,11 @@
 """The benchmark's comparison: transformers' PyTorch CLIP vision tower on the same inputs."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from fiseclip_jax.bench.timing import max_rss_bytes, row_rates, time_fn
+from fiseclip_jax.bench.timing import max_rss_bytes, row_rates, time_fn, time_pairs
 
 
 def torch_available() -> bool:
@@ -42,26 +42,31 @@ def torch_device(platform: str) -> Optional[str]:
   return None
 
 
-def torch_row(model, images, dtype: str, device: str, b: int, flops: float,
-              peak: Optional[float], repeats: int) -> dict:
-  """Time model(pixels, interpolate_pos_encoding=True, output_hidden_states=True)."""
+def tower_call(model, images, dtype: str, device: str) -> Callable[[], None]:
+  """model(pixels, interpolate_pos_encoding=True, output_hidden_states=True) on images (B, S, S, 3)
+  as a call that waits for the device."""
   import torch  # pylint: disable=import-outside-toplevel
   x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
   x = x.to(device=device, dtype=getattr(torch, dtype))
-  cuda = device == "cuda"
 
   def call():
     with torch.inference_mode():
-      return model(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True)
-
-  def sync(_):
-    if cuda:
+      model(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True)
+    if device == "cuda":
       torch.cuda.synchronize()
+  return call
 
+
+def torch_row(model, images, dtype: str, device: str, b: int, flops: float,
+              peak: Optional[float], repeats: int) -> dict:
+  """Time the tower (`tower_call`) alone: the torch_tower row."""
+  import torch  # pylint: disable=import-outside-toplevel
+  cuda = device == "cuda"
+  call = tower_call(model, images, dtype, device)
   if cuda:
     torch.cuda.reset_peak_memory_stats()
   rss0 = max_rss_bytes()
-  timing = time_fn(call, repeats=repeats, sync=sync)
+  timing = time_fn(call, repeats=repeats, sync=lambda _: None)
   row = {"stage": "torch_tower", "dtype": dtype, "batch": b, "torch_device": device,
          "torch_attention": getattr(model.config, "_attn_implementation", None),
          "torch_threads": torch.get_num_threads(), "flops_analytic": flops,
@@ -75,8 +80,16 @@ def torch_row(model, images, dtype: str, device: str, b: int, flops: float,
   return row_rates(row, timing["median_s"], b, flops, peak)
 
 
+def paired(jax_encoder: Callable[[], None], tower: Callable[[], None], rounds: int) -> dict:
+  """The JAX encoder and the torch tower timed in turn (`time_pairs`): fields of the torch row."""
+  p = time_pairs(jax_encoder, tower, rounds)
+  return {"paired_jax_ms": [1e3 * s for s in p["a_s"]], "paired_torch_ms": [1e3 * s for s in p["b_s"]],
+          "jax_over_torch_paired": p["median_ratio"]}
+
+
 def compare_torch(rows: List[dict]):
-  """Attach the torch tower's ms/image and the ratio JAX encoder / torch tower to encoder rows."""
+  """Attach the torch tower's ms/image, the ratio JAX encoder / torch tower of the two rows'
+  medians and, where the torch row has one, the paired ratio (`paired`) to encoder rows."""
   ref = {(r["dtype"], r["batch"]): r for r in rows
          if r.get("stage") == "torch_tower" and "ms_per_image" in r}
   for r in rows:
@@ -84,3 +97,5 @@ def compare_torch(rows: List[dict]):
     if r.get("stage") == "encoder" and t and "ms_per_image" in r:
       r["torch_ms_per_image"] = t["ms_per_image"]
       r["jax_over_torch"] = r["ms_per_image"] / t["ms_per_image"]
+      if "jax_over_torch_paired" in t:
+        r["jax_over_torch_paired"] = t["jax_over_torch_paired"]

@@ -124,7 +124,7 @@ def test_float32_stage_rows_run_at_the_pipelines_precision():
 
 def test_time_pairs_alternates_the_calls_and_takes_the_median_of_round_ratios(monkeypatch):
   """A B A B after one warm-up of each; the ratio of each round's own pair, then their median (a
-  ratio of the two medians would read 2 / 2 = 1 here)."""
+  ratio of the two medians would read 2 / 1 = 2 here)."""
   clock, calls = [0.0], []
   monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
   def call(name, durations):

@@ -7,8 +7,8 @@
 # embedded demo set, and the tower parity tests (JAX on the GPU against transformers on the CPU).
 # Phase B times the GPU table alone on the GPU: bfloat16, then float32, torch's tower beside each.
 # Every step has its own time limit; the log, the bench JSONs and the runs' results come back
-# under OUT_DIR. The limits add up to 540 s (180 + 140 + 220): give the device call 590 s (2026-12-04: the
-# bf16 table took 98 s, float32 compiles slowly and did not finish B = 16 in 130 s).
+# under OUT_DIR. The limits add up to 540 s (180 + 140 + 220): give the device call 590 s
+# (2026-12-04: the bf16 table took 98 s, float32 compiles slowly and did not finish B = 16 in 130 s).
 set -u
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
